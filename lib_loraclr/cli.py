@@ -1,0 +1,133 @@
+"""``python -m lib_loraclr inspect | merge | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .merge.objective import MergeSettings
+
+
+def _add_merge_settings(parser: argparse.ArgumentParser):
+    defaults = MergeSettings()
+    parser.add_argument("--method", choices=("loraclr", "sum", "svd", "lsq"), default=defaults.method,
+                        help="loraclr (contrastive, default), sum (plain stacking), svd (sum then SVD), lsq (Mix-of-Show)")
+    parser.add_argument("--solver", choices=("fast", "reference"), default=defaults.solver,
+                        help="fast: closed form on Gram statistics (default); reference: the authors' AdamW loop")
+    parser.add_argument("--margin", type=float, default=defaults.margin)
+    parser.add_argument("--lambda-reg", type=float, default=defaults.lambda_reg)
+    parser.add_argument("--lambda-mse", type=float, default=defaults.lambda_mse)
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="reference solver only")
+    parser.add_argument("--iters", type=int, default=defaults.iters, help="reference solver only")
+    parser.add_argument("--rank", type=int, default=None,
+                        help=f"rank of the written LoRA (default: smallest keeping {defaults.energy:.0%} energy, "
+                             f"at most {defaults.max_rank})")
+    parser.add_argument("--energy", type=float, default=defaults.energy)
+    parser.add_argument("--max-rank", type=int, default=defaults.max_rank)
+    parser.add_argument("--capture-steps", type=int, default=defaults.capture_steps)
+    parser.add_argument("--capture-size", type=int, default=None, help="image size sampled for UNet features "
+                        "(default 512 for SD1/SD2, 1024 for SDXL)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+
+
+def _settings_from(args) -> MergeSettings:
+    return MergeSettings(
+        method=args.method, solver=args.solver, margin=args.margin, lambda_reg=args.lambda_reg,
+        lambda_mse=args.lambda_mse, lr=args.lr, iters=args.iters, rank=args.rank, energy=args.energy,
+        max_rank=args.max_rank, capture_steps=args.capture_steps, capture_size=args.capture_size, seed=args.seed,
+    )
+
+
+def cmd_inspect(args) -> int:
+    from .lora.reader import describe, read_lora
+
+    for path in args.files:
+        info = describe(read_lora(path))
+        if args.json:
+            print(json.dumps(info, indent=1, default=str))
+        else:
+            print(path)
+            for key, value in info.items():
+                print(f"  {key:<16} {value}")
+    return 0
+
+
+def _progress_bar():
+    from tqdm import tqdm
+
+    from .merge.progress import Progress
+
+    bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}] {postfix}")
+
+    def listener(state):
+        bar.n = round(100 * state.fraction, 1)
+        bar.set_description(state.stage)
+        bar.set_postfix_str((state.layer or state.message)[-48:], refresh=False)
+        bar.refresh()
+
+    return Progress(listener), bar
+
+
+def cmd_merge(args) -> int:
+    from .hosts.diffusers import load_base
+    from .merge.pipeline import check_output, load_concepts, merge_to_file
+
+    check_output(args.out, args.overwrite)
+    concepts = load_concepts(args.lora, args.trigger, args.weight)
+    model = load_base(args.base, config=args.config, device=args.device)
+    settings = _settings_from(args)
+    progress, bar = _progress_bar()
+    try:
+        summary = merge_to_file(model, concepts, settings, args.out, overwrite=args.overwrite,
+                                report_path=args.report, progress=progress)
+    finally:
+        bar.close()
+    print(summary["table"])
+    print(f"wrote {summary['output']} ({summary['layers']} layers, method {summary['method']})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, device=args.device)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lib_loraclr", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    inspect = commands.add_parser("inspect", help="describe LoRA files: format, architecture, rank, triggers")
+    inspect.add_argument("files", nargs="+")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(func=cmd_inspect)
+
+    merge = commands.add_parser("merge", help="merge concept LoRAs into one LoRA file")
+    merge.add_argument("--base", required=True, help="diffusers folder or single-file SD1/SDXL .safetensors")
+    merge.add_argument("--config", help="local diffusers folder with configs + tokenizer, for a single-file base")
+    merge.add_argument("--lora", action="append", required=True, help="a LoRA file (repeat)")
+    merge.add_argument("--trigger", action="append", help="trigger words of the matching --lora (repeat, in order)")
+    merge.add_argument("--weight", action="append", type=float, help="strength of the matching --lora (default 1)")
+    merge.add_argument("--out", required=True, help="output .safetensors path")
+    merge.add_argument("--report", help="also write the quality report as JSON here")
+    merge.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    merge.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    _add_merge_settings(merge)
+    merge.set_defaults(func=cmd_merge)
+
+    demo = commands.add_parser("demo", help="merge tiny built-in concept LoRAs on a tiny built-in model")
+    demo.add_argument("--out", default="loraclr_demo", help="folder for the demo's files (a new one is picked if it exists)")
+    demo.add_argument("--device", default="cpu")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError, KeyError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,108 @@
+"""Cross-attention probabilities for CLoRA, recomputed from each layer's own inputs.
+
+Why recompute: hosts run fused attention kernels (SDPA, xformers, sub-quadratic) that never
+materialise the softmax, and each host names and wires its attention differently. A forward
+pre-hook sees the layer's inputs in every host (diffusers passes ``encoder_hidden_states``
+as a keyword, A1111/Forge's ldm ``CrossAttention`` gets ``context``), and running them
+through the layer's own ``to_q``/``to_k`` lets active LoRA runtime hooks apply, so the
+probabilities are exactly those the layer uses. Only layers at the chosen query count are
+read; the layers themselves are never modified.
+
+Truncation: a loss pass needs nothing after the last layer it reads, so the capture can
+raise ``StopForward`` from that layer's pre-hook; the forward (and the backward) then cover
+only the UNet prefix up to it. The caller catches the exception.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised from a pre-hook once every layer the capture reads has run."""
+
+
+def cross_attention_modules(unet: nn.Module) -> list[nn.Module]:
+    """The UNet's cross-attention layers: diffusers and ldm both name them ``attn2``."""
+    return [module for name, module in unet.named_modules() if name.rsplit(".", 1)[-1] == "attn2"]
+
+
+def _layer_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states, context) of an attention call, diffusers or ldm calling convention."""
+    hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+    context = kwargs.get("encoder_hidden_states", kwargs.get("context"))
+    if context is None and len(args) > 1:
+        context = args[1]
+    return hidden, context
+
+
+def attention_probs(module: nn.Module, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T * scale) over the context tokens, averaged over heads: (B, N, T) float32."""
+    heads = module.heads
+    query = module.to_q(hidden).unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, h, N, d)
+    key = module.to_k(context).unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, h, T, d)
+    scores = query.float() @ key.float().transpose(-1, -2) * module.scale  # (B, h, N, T)
+    return scores.softmax(dim=-1).mean(dim=1)
+
+
+class AttentionCapture:
+    """Average cross-attention probabilities of the layers with ``query_count`` queries.
+
+    modules: the cross-attention layers to watch (``cross_attention_modules``).
+    stop_after: raise ``StopForward`` once this many matching layers have run (None: never).
+    Assumes one call per layer per UNet run (the whole batch at once).
+    Use as a context manager; the hooks are removed on exit, also on errors.
+    """
+
+    def __init__(self, modules: list[nn.Module], query_count: int, stop_after: int | None = None):
+        self.modules = modules
+        self.query_count = query_count
+        self.stop_after = stop_after
+        self.layers_seen = 0
+        self._total: torch.Tensor | None = None  # (B, N, T) sum over layers
+        self._handles = []
+
+    def __enter__(self) -> "AttentionCapture":
+        try:
+            for module in self.modules:
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """(B, N, T) probabilities averaged over the layers seen."""
+        if self._total is None:
+            raise ValueError(
+                f"no cross-attention layer ran with {self.query_count} queries; choose an "
+                "attention_res_divisor that matches one of the model's attention resolutions"
+            )
+        return self._total / self.layers_seen
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        hidden, context = _layer_inputs(args, kwargs)
+        if context is None or hidden.dim() != 3 or hidden.shape[1] != self.query_count:
+            return None
+        layer_probs = attention_probs(module, hidden, context)
+        self._total = layer_probs if self._total is None else self._total + layer_probs
+        self.layers_seen += 1
+        if self.stop_after is not None and self.layers_seen >= self.stop_after:
+            raise StopForward
+        return None
+
+
+def per_pass_maps(probs: torch.Tensor, num_passes: int) -> torch.Tensor:
+    """(P*2B, N, T) pass-major [uncond B, cond B] rows -> (P, B, N, T), CFG halves averaged."""
+    rows, query_count, tokens = probs.shape
+    return probs.view(num_passes, 2, rows // (2 * num_passes), query_count, tokens).mean(dim=1)

@@ -1,0 +1,350 @@
+"""From "which LoRA is which words" to the token positions CLoRA reads attention maps at.
+
+Positions are always derived from the tokenizer, never typed by hand (the official CLoRA
+notebook's hand-typed indices are wrong). They refer to the token sequence the text encoder
+receives for the prompt with A1111 syntax removed: BOS at 0, so the first word token is at 1.
+
+A1111 prompt syntax is handled the way A1111 does it: ``<lora:name:0.8>``-style
+extra-network tags are removed, the attention grammar (``(word:1.2)``, ``((word))``,
+``[word]``, ``\\(`` escapes) is stripped to its text, and each run of equal emphasis is
+tokenized on its own, then concatenated. Not supported (clear errors or documented
+limits): ``BREAK`` and prompts over 75 tokens (CLoRA composes in one 77-token window),
+prompt editing ``[a:b:0.5]`` / alternation ``[a|b]``, textual-inversion embeddings.
+
+The tokenizer is any Hugging Face CLIP tokenizer (slow or fast): ``encode(text,
+add_special_tokens=False)`` and ``convert_ids_to_tokens``; CLIP BPE marks a word's last
+token with ``</w>`` and writes one character per UTF-8 byte.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import regex
+
+MAX_PROMPT_TOKENS = 75  # 77 minus BOS and EOS
+
+# A1111 modules/extra_networks.py: <lora:name:0.8>, <hypernet:name:1>, ...
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+# A1111 modules/prompt_parser.py attention grammar, token by token.
+_ATTENTION = re.compile(
+    r"""
+\\\(|\\\)|\\\[|\\]|\\\\|\\|
+\(|\[|
+:\s*([+-]?[.\d]+)\s*\)|
+\)|]|
+[^\\()\[\]:]+|
+:
+""",
+    re.X,
+)
+_BREAK = re.compile(r"\bBREAK\b")
+_ROUND_BRACKET = 1.1
+_SQUARE_BRACKET = 1 / 1.1
+# CLIP's BPE pre-tokenizer: tokens never cross these pieces, so each is tokenized alone.
+_CLIP_PIECE = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class PromptFragment:
+    """A run of prompt text with one emphasis weight, as A1111 tokenizes it.
+
+    raw_offsets: for each character of ``text``, its index in the prompt as written.
+    """
+
+    text: str
+    weight: float
+    raw_offsets: tuple[int, ...]
+
+
+def parse_attention(prompt: str) -> list[PromptFragment]:
+    """Split an A1111 prompt into (text, weight) runs, extra-network tags removed.
+
+    Same grammar and weights as A1111's ``parse_prompt_attention``: ``(x)`` x1.1,
+    ``[x]`` /1.1, ``(x:w)`` xw, unbalanced brackets close at the end, a stray ``)`` or
+    ``:w)`` is literal text, adjacent runs of equal weight are merged.
+    """
+    kept_text, kept_offsets, start = [], [], 0
+    for tag in _EXTRA_NETWORK.finditer(prompt):
+        kept_text.append(prompt[start : tag.start()])
+        kept_offsets.extend(range(start, tag.start()))
+        start = tag.end()
+    kept_text.append(prompt[start:])
+    kept_offsets.extend(range(start, len(prompt)))
+    stripped = "".join(kept_text)
+
+    runs: list[list] = []  # [text, weight, offsets]
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def multiply_from(first_run: int, factor: float):
+        for run in runs[first_run:]:
+            run[1] *= factor
+
+    for match in _ATTENTION.finditer(stripped):
+        text, weight = match.group(0), match.group(1)
+        if text.startswith("\\"):
+            runs.append([text[1:], 1.0, kept_offsets[match.start() + 1 : match.end()]])
+        elif text == "(":
+            round_open.append(len(runs))
+        elif text == "[":
+            square_open.append(len(runs))
+        elif weight is not None and round_open:
+            try:
+                factor = float(weight)
+            except ValueError:
+                raise ValueError(f"bad attention weight {text!r} in prompt {prompt!r}") from None
+            multiply_from(round_open.pop(), factor)
+        elif text == ")" and round_open:
+            multiply_from(round_open.pop(), _ROUND_BRACKET)
+        elif text == "]" and square_open:
+            multiply_from(square_open.pop(), _SQUARE_BRACKET)
+        else:
+            if _BREAK.search(text):
+                raise ValueError(
+                    f"prompt {prompt!r} uses BREAK, which starts a second 77-token chunk; "
+                    "CLoRA composes within one chunk"
+                )
+            runs.append([text, 1.0, kept_offsets[match.start() : match.end()]])
+    for first_run in round_open:
+        multiply_from(first_run, _ROUND_BRACKET)
+    for first_run in square_open:
+        multiply_from(first_run, _SQUARE_BRACKET)
+
+    fragments: list[PromptFragment] = []
+    for weight, group in itertools.groupby(runs, key=lambda run: run[1]):
+        group = list(group)
+        text = "".join(run[0] for run in group)
+        if text:
+            offsets = tuple(o for run in group for o in run[2])
+            fragments.append(PromptFragment(text, weight, offsets))
+    return fragments
+
+
+def _phrase_pattern(phrase: str) -> re.Pattern:
+    """Whole-word, case-insensitive, any-whitespace match of a word or phrase."""
+    parts = phrase.split()
+    if not parts:
+        raise ValueError("empty concept word: give the word(s) the prompt uses, e.g. 'cat'")
+    body = r"\s+".join(re.escape(p) for p in parts)
+    head = r"(?<!\w)" if re.match(r"\w", parts[0]) else ""
+    tail = r"(?!\w)" if re.search(r"\w$", parts[-1]) else ""
+    return re.compile(head + body + tail, re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ParsedPrompt:
+    """A prompt as the text encoder sees it, with a map from its characters to tokens.
+
+    clean: the prompt with A1111 syntax and extra-network tags removed (the tokenized text).
+    token_ids: the prompt's tokens, without BOS/EOS.
+    char_to_token: per character of ``clean``, the encoder position of the token it belongs
+        to (BOS = 0, first token = 1), -1 for whitespace and characters the tokenizer drops.
+    raw_offsets: per character of ``clean``, its index in ``prompt``.
+    """
+
+    prompt: str
+    clean: str
+    token_ids: tuple[int, ...]
+    char_to_token: tuple[int, ...]
+    raw_offsets: tuple[int, ...]
+
+    def spans_of(self, phrase: str) -> list[tuple[int, int]]:
+        """(start, end) character spans in ``clean`` of every whole-word occurrence."""
+        return [m.span() for m in _phrase_pattern(phrase).finditer(self.clean)]
+
+    def positions_of(self, phrase: str) -> list[tuple[int, ...]]:
+        """Encoder token positions of every occurrence of ``phrase``, one tuple each."""
+        occurrences = []
+        for start, end in self.spans_of(phrase):
+            positions = sorted({p for p in self.char_to_token[start:end] if p >= 0})
+            occurrences.append(tuple(positions))
+        return occurrences
+
+
+def _piece_char_tokens(piece: str, tokens: list[str]) -> list[int]:
+    """Index (into ``tokens``) of the token holding each character of one BPE piece.
+
+    Byte-level BPE writes one character per UTF-8 byte of the lowercased piece, so a
+    character's byte offset locates its token; offsets are rescaled in case the tokenizer's
+    normalisation changed the byte count.
+    """
+    token_ends = list(itertools.accumulate(len(t.removesuffix("</w>")) for t in tokens))
+    char_bytes = [len(c.lower().encode("utf-8")) for c in piece]
+    total_chars, total_tokens = sum(char_bytes), token_ends[-1]
+    indices, byte = [], 0
+    for n in char_bytes:
+        token_byte = byte * total_tokens // total_chars if total_chars else 0
+        indices.append(min(bisect.bisect_right(token_ends, token_byte), len(tokens) - 1))
+        byte += n
+    return indices
+
+
+def parse_prompt(prompt: str, tokenizer) -> ParsedPrompt:
+    """Strip A1111 syntax from ``prompt`` and map each remaining character to its token.
+
+    Positions assume the prompt fits one 77-token window (checked by ``plan_concepts``).
+    """
+    clean_parts: list[str] = []
+    token_ids: list[int] = []
+    char_to_token: list[int] = []
+    raw_offsets: list[int] = []
+    for fragment in parse_attention(prompt):
+        fragment_ids: list[int] = []
+        fragment_map = [-1] * len(fragment.text)
+        for piece in _CLIP_PIECE.finditer(fragment.text):
+            ids = tokenizer.encode(piece.group(), add_special_tokens=False)
+            if not ids:
+                continue
+            first_position = 1 + len(token_ids) + len(fragment_ids)
+            tokens = tokenizer.convert_ids_to_tokens(ids)
+            for j, k in enumerate(_piece_char_tokens(piece.group(), tokens)):
+                fragment_map[piece.start() + j] = first_position + k
+            fragment_ids.extend(ids)
+        if fragment_ids != list(tokenizer.encode(fragment.text, add_special_tokens=False)):
+            raise ValueError(
+                f"cannot align the tokens of {fragment.text!r} (prompt {prompt!r}) with its "
+                "characters: the tokenizer splits it differently piece by piece"
+            )
+        clean_parts.append(fragment.text)
+        token_ids.extend(fragment_ids)
+        char_to_token.extend(fragment_map)
+        raw_offsets.extend(fragment.raw_offsets)
+    return ParsedPrompt(
+        prompt, "".join(clean_parts), tuple(token_ids), tuple(char_to_token), tuple(raw_offsets)
+    )
+
+
+@dataclass(frozen=True)
+class LoraConcept:
+    """One subject LoRA: the words it draws, its optional trigger, its optional own prompt.
+
+    words: the concept as written in the prompts, e.g. "cat" or "black cat".
+    trigger: the LoRA's trigger word(s), e.g. "sks"; counted as the concept's tokens in
+        every prompt where it occurs, and required in the LoRA's own prompt.
+    prompt: the LoRA pass's prompt; default: the base prompt with ``trigger + " "`` inserted
+        before the first occurrence of ``words`` (or the base prompt when no trigger).
+    """
+
+    words: str
+    trigger: str | None = None
+    prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class ComposePass:
+    """One UNet pass per step.
+
+    prompt: as written (A1111 syntax kept); clean_prompt: what the text encoder must see
+        for the plan's positions to hold (hosts without A1111 syntax encode this).
+    lora_index: index of the subject LoRA (into ``plan_concepts``' concepts) active in this
+        pass; None for the base pass.
+    mask_positions: token positions whose attention maps form this pass's mask (its LoRA
+        concept's words + trigger); empty for the base pass, which takes the remainder.
+    """
+
+    prompt: str
+    clean_prompt: str
+    lora_index: int | None
+    mask_positions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ConceptPlan:
+    """Passes and concept groups. Pass 0 is the base prompt, pass k is LoRA k-1's prompt.
+
+    groups[g]: every (pass, token position) of concept g (LoRA g) across all passes; each
+        is one attention map labelled g in the contrastive loss.
+    """
+
+    passes: tuple[ComposePass, ...]
+    groups: tuple[tuple[tuple[int, int], ...], ...]
+    group_names: tuple[str, ...]
+
+    def token_entries(self) -> tuple[list[int], list[int], list[int]]:
+        """(pass indices, token positions, group labels), one entry per attention map."""
+        entries = [(p, t, g) for g, group in enumerate(self.groups) for p, t in group]
+        passes, positions, labels = zip(*entries)
+        return list(passes), list(positions), list(labels)
+
+
+def _with_trigger(base: ParsedPrompt, concept: LoraConcept) -> str:
+    spans = base.spans_of(concept.words)
+    if not spans:
+        raise ValueError(f"concept word {concept.words!r} not found in prompt {base.prompt!r}")
+    at = base.raw_offsets[spans[0][0]]
+    return base.prompt[:at] + concept.trigger + " " + base.prompt[at:]
+
+
+def plan_concepts(base_prompt: str, concepts: Sequence[LoraConcept], tokenizer) -> ConceptPlan:
+    """Derive passes, concept groups and mask tokens from the prompts with the tokenizer.
+
+    Repeated words: every whole-word occurrence counts (each mention is the same subject);
+    matching ignores case and surrounding punctuation. A concept's words must occur in every
+    pass's prompt; two concepts may not claim the same token.
+    """
+    if not concepts:
+        raise ValueError("CLoRA needs at least one LoRA concept")
+    base = parse_prompt(base_prompt, tokenizer)
+    parsed = [base]
+    for concept in concepts:
+        if concept.prompt is not None:
+            parsed.append(parse_prompt(concept.prompt, tokenizer))
+        elif concept.trigger:
+            parsed.append(parse_prompt(_with_trigger(base, concept), tokenizer))
+        else:
+            parsed.append(base)
+    for prompt in parsed:
+        if len(prompt.token_ids) > MAX_PROMPT_TOKENS:
+            raise ValueError(
+                f"prompt {prompt.prompt!r} has {len(prompt.token_ids)} tokens; CLoRA composes "
+                f"within one 77-token window ({MAX_PROMPT_TOKENS} prompt tokens)"
+            )
+
+    # per_pass[p][g]: token positions of concept g in pass p
+    per_pass: list[list[tuple[int, ...]]] = []
+    for p, prompt in enumerate(parsed):
+        owners: dict[int, int] = {}
+        row = []
+        for g, concept in enumerate(concepts):
+            occurrences = prompt.positions_of(concept.words)
+            if not occurrences:
+                raise ValueError(f"concept word {concept.words!r} not found in prompt {prompt.prompt!r}")
+            if concept.trigger:
+                triggers = prompt.positions_of(concept.trigger)
+                if p == g + 1 and not triggers:
+                    raise ValueError(
+                        f"trigger {concept.trigger!r} of concept {concept.words!r} not found in "
+                        f"its prompt {prompt.prompt!r}"
+                    )
+                occurrences += triggers
+            positions = tuple(sorted({t for occurrence in occurrences for t in occurrence}))
+            for t in positions:
+                if owners.setdefault(t, g) != g:
+                    raise ValueError(
+                        f"token {t} of prompt {prompt.prompt!r} belongs to both concept "
+                        f"{concepts[owners[t]].words!r} and concept {concept.words!r}"
+                    )
+            row.append(positions)
+        per_pass.append(row)
+
+    passes = tuple(
+        ComposePass(
+            prompt=prompt.prompt,
+            clean_prompt=prompt.clean,
+            lora_index=None if p == 0 else p - 1,
+            mask_positions=() if p == 0 else per_pass[p][p - 1],
+        )
+        for p, prompt in enumerate(parsed)
+    )
+    groups = tuple(
+        tuple((p, t) for p in range(len(parsed)) for t in per_pass[p][g]) for g in range(len(concepts))
+    )
+    return ConceptPlan(passes, groups, tuple(c.words for c in concepts))

@@ -1,0 +1,273 @@
+"""CLoRA's per-denoising-step work, the one object every host calls once per step.
+
+A host owns the sampler and the UNet call; the engine owns everything CLoRA adds to a step:
+the contrastive latent update, the per-pass UNet runs with their LoRA sets, the masks and
+the fusion. It never sees a scheduler: it gets the latent the UNet is fed, an opaque
+timestep and ``run_unet(latent_batch, timestep, cond_batch) -> prediction`` (noise or x0:
+fusion is affine-invariant, see ``fusion``), and returns the updated latent and the fused,
+guided prediction.
+
+Batch layout of every multi-pass UNet call: pass-major, each pass [uncond B, cond B], so
+``LoraRuntime.set_rows`` with one row set per pass gives each pass its LoRAs in one call.
+
+Two modes with the same math:
+- "fast": the P passes run as one batched UNet call; loss passes stop after the last
+  cross-attention layer they read (``StopForward``), so forward and backward cover only that
+  prefix; autograd graphs live only inside one update.
+- "authors": the reference implementation's way, for benchmarks and tests: one full UNet
+  run per pass, the loss backpropagated through all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..model import Conditioning
+from ..runtime import LoraRuntime
+from .attention import AttentionCapture, StopForward, per_pass_maps
+from .concepts import ConceptPlan
+from .fusion import cfg_combine, concept_masks, fuse, uniform_masks
+from .loss import contrastive_attention_loss, gather_token_maps
+from .settings import ComposeSettings
+
+RunUnet = Callable[[torch.Tensor, object, Conditioning], torch.Tensor]
+MODES = ("fast", "authors")
+
+
+@dataclass(eq=False)
+class PassConditioning:
+    """Each pass's cond and uncond conditioning, (B, 77, C) each, encoded with its own LoRAs."""
+
+    conds: list[Conditioning]
+    unconds: list[Conditioning]
+    _all: Conditioning | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if not self.conds or len(self.conds) != len(self.unconds):
+            raise ValueError(f"{len(self.conds)} cond and {len(self.unconds)} uncond passes; need equal, >= 1")
+        sizes = {c.context.shape[0] for c in self.conds + self.unconds}
+        if len(sizes) != 1:
+            raise ValueError(f"every pass needs the same batch size, got {sorted(sizes)}")
+
+    @property
+    def num_passes(self) -> int:
+        return len(self.conds)
+
+    @property
+    def batch_size(self) -> int:
+        return self.conds[0].context.shape[0]
+
+    def pass_batch(self, index: int) -> Conditioning:
+        """(2B, 77, C) [uncond, cond] of one pass."""
+        return Conditioning.cat([self.unconds[index], self.conds[index]])
+
+    def all_passes(self) -> Conditioning:
+        """(2PB, 77, C) pass-major batch of every pass, built once."""
+        if self._all is None:
+            self._all = Conditioning.cat([self.pass_batch(p) for p in range(self.num_passes)])
+        return self._all
+
+
+@torch.no_grad()
+def encode_passes(
+    encode: Callable[[list[str]], Conditioning],
+    runtime: LoraRuntime,
+    plan: ConceptPlan,
+    lora_sets: Sequence[frozenset[int]],
+    negative_prompt: str = "",
+    batch_size: int = 1,
+) -> PassConditioning:
+    """Encode each pass's prompt and negative prompt with only that pass's LoRAs active.
+
+    Why per pass: a LoRA's text-encoder part belongs to its own prompt only; encoding pass k
+    with LoRA k's text-encoder layers is what the reference does. ``encode`` is the host's
+    prompt encoder (``ModelAccess.encode``); prompts are the plan's clean prompts.
+    """
+    conds, unconds = [], []
+    for compose_pass, lora_set in zip(plan.passes, lora_sets):
+        with runtime.active(lora_set):
+            both = encode([negative_prompt] * batch_size + [compose_pass.clean_prompt] * batch_size)
+        unconds.append(both.select(slice(0, batch_size)))
+        conds.append(both.select(slice(batch_size, 2 * batch_size)))
+    return PassConditioning(conds, unconds)
+
+
+@dataclass
+class StepResult:
+    """latent: (B, C, h, w) after the latent updates; prediction: (B, C, h, w) fused + CFG,
+    float32; masks: (P, B, 1, h, w) fusion weights; losses: (B,) loss before each update."""
+
+    latent: torch.Tensor
+    prediction: torch.Tensor
+    masks: torch.Tensor
+    losses: list[torch.Tensor]
+
+
+class ComposeEngine:
+    """CLoRA for one generation: call ``step`` once per denoising step.
+
+    plan, lora_sets: from ``plan_concepts`` and ``pass_lora_sets`` (indices into runtime's LoRAs).
+    attention_modules: the UNet's cross-attention layers (``cross_attention_modules``).
+    num_steps: the sampled step count (the step-indexed settings are rescaled to it).
+    vae_scale_factor: image pixels per latent pixel, to find the attention resolution.
+    mode: "fast" or "authors" (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        plan: ConceptPlan,
+        settings: ComposeSettings,
+        runtime: LoraRuntime,
+        lora_sets: Sequence[frozenset[int]],
+        attention_modules: list[nn.Module],
+        num_steps: int,
+        *,
+        vae_scale_factor: int = 8,
+        mode: str = "fast",
+    ):
+        if mode not in MODES:
+            raise ValueError(f"unknown compose mode {mode!r}; expected one of {MODES}")
+        if len(lora_sets) != len(plan.passes):
+            raise ValueError(f"{len(lora_sets)} LoRA sets for {len(plan.passes)} passes")
+        if not attention_modules:
+            raise ValueError("the UNet has no cross-attention (attn2) layers to read maps from")
+        self.plan = plan
+        self.settings = settings
+        self.runtime = runtime
+        self.lora_sets = [frozenset(s) for s in lora_sets]
+        self.attention_modules = list(attention_modules)
+        self.vae_scale_factor = vae_scale_factor
+        self.mode = mode
+        self.alter_until = settings.alter_until(num_steps)
+        self.refinement_steps = set(settings.refinement_steps_for(num_steps))
+        self._layer_counts: dict[int, int] = {}  # query count -> matching layers in a full run
+
+    def updates_at(self, step_index: int) -> int:
+        """How many latent updates run at this step (0 when the loss has no negatives)."""
+        settings = self.settings
+        if (
+            not settings.use_latent_update
+            or settings.step_size == 0
+            or len(self.plan.groups) < 2
+            or step_index >= self.alter_until
+        ):
+            return 0
+        return 1 + (settings.refinement_iters if step_index in self.refinement_steps else 0)
+
+    def step(
+        self,
+        step_index: int,
+        latent: torch.Tensor,
+        timestep,
+        conditioning: PassConditioning,
+        run_unet: RunUnet,
+    ) -> StepResult:
+        """Update the latent (early steps), run the passes, fuse them, apply CFG."""
+        self._check(latent, conditioning)
+        latent = latent.detach()
+        losses = []
+        for _ in range(self.updates_at(step_index)):
+            loss, grad = self.loss_and_grad(latent, timestep, conditioning, run_unet)
+            latent = (latent - self.settings.step_size * grad.to(latent.dtype)).detach()
+            losses.append(loss)
+        with torch.no_grad():
+            uncond, cond, probs = self._prediction_passes(latent, timestep, conditioning, run_unet)
+        masks = self._masks(probs, latent)
+        prediction = cfg_combine(fuse(uncond, masks), fuse(cond, masks), self.settings.guidance_scale)
+        return StepResult(latent, prediction, masks, losses)
+
+    def loss_and_grad(
+        self, latent: torch.Tensor, timestep, conditioning: PassConditioning, run_unet: RunUnet
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) contrastive loss at ``latent`` and its gradient (B, C, h, w) w.r.t. the latent."""
+        self._check(latent, conditioning)
+        # Hosts may sample under inference_mode (Forge) or no_grad (A1111).
+        with torch.inference_mode(False), torch.enable_grad():
+            latent_leaf = latent.detach().clone().requires_grad_(True)
+            probs = self._loss_maps(latent_leaf, timestep, conditioning, run_unet)  # (P, B, N, T)
+            maps, labels = gather_token_maps(probs, self.plan)
+            loss = contrastive_attention_loss(maps, labels, self.settings.temperature)  # (B,)
+            (grad,) = torch.autograd.grad(loss.sum(), latent_leaf)
+        return loss.detach(), grad
+
+    def _check(self, latent: torch.Tensor, conditioning: PassConditioning) -> None:
+        if conditioning.num_passes != len(self.plan.passes):
+            raise ValueError(f"conditioning has {conditioning.num_passes} passes, the plan has {len(self.plan.passes)}")
+        if latent.shape[0] != conditioning.batch_size:
+            raise ValueError(f"latent batch {latent.shape[0]} != conditioning batch {conditioning.batch_size}")
+
+    def _query_count(self, latent: torch.Tensor) -> int:
+        height, width = (side * self.vae_scale_factor for side in latent.shape[-2:])
+        map_h, map_w = self.settings.attention_map_hw(height, width)
+        return map_h * map_w
+
+    def _run(self, latent_rows, timestep, cond_rows, run_unet, query_count, capture_maps, truncate):
+        """One UNet call with optional capture; (prediction or None if stopped early, probs or None)."""
+        if not capture_maps:
+            return run_unet(latent_rows, timestep, cond_rows), None
+        stop_after = self._layer_counts.get(query_count) if truncate else None
+        capture = AttentionCapture(self.attention_modules, query_count, stop_after)
+        with capture:
+            try:
+                prediction = run_unet(latent_rows, timestep, cond_rows)
+            except StopForward:
+                prediction = None
+        if prediction is not None:
+            self._layer_counts.setdefault(query_count, capture.layers_seen)
+        return prediction, capture.probs
+
+    def _loss_maps(self, latent, timestep, conditioning, run_unet) -> torch.Tensor:
+        """(P, B, N, T) maps of every pass at ``latent``, differentiable w.r.t. it."""
+        num_passes, query_count = conditioning.num_passes, self._query_count(latent)
+        if self.mode == "fast":
+            rows = latent.repeat(2 * num_passes, 1, 1, 1)  # (2PB, C, h, w)
+            with self.runtime.rows([sorted(s) for s in self.lora_sets]):
+                _, probs = self._run(rows, timestep, conditioning.all_passes(), run_unet, query_count, True, True)
+            return per_pass_maps(probs, num_passes)
+        per_pass = []
+        for p in range(num_passes):
+            with self.runtime.active(self.lora_sets[p]):
+                _, probs = self._run(
+                    torch.cat([latent, latent]), timestep, conditioning.pass_batch(p), run_unet, query_count, True, False
+                )
+            per_pass.append(per_pass_maps(probs, 1)[0])
+        return torch.stack(per_pass)
+
+    def _prediction_passes(self, latent, timestep, conditioning, run_unet):
+        """Per-pass (uncond, cond) predictions (P, B, C, h, w) float32 and maps (P, B, N, T) or None."""
+        num_passes, batch = conditioning.num_passes, conditioning.batch_size
+        query_count, capture_maps = self._query_count(latent), self.settings.use_masks
+        if self.mode == "fast":
+            rows = latent.repeat(2 * num_passes, 1, 1, 1)
+            with self.runtime.rows([sorted(s) for s in self.lora_sets]):
+                prediction, probs = self._run(
+                    rows, timestep, conditioning.all_passes(), run_unet, query_count, capture_maps, False
+                )
+            prediction = prediction.float().view(num_passes, 2, batch, *latent.shape[1:])
+            probs = None if probs is None else per_pass_maps(probs, num_passes)
+        else:
+            predictions, maps = [], []
+            for p in range(num_passes):
+                with self.runtime.active(self.lora_sets[p]):
+                    pass_prediction, pass_probs = self._run(
+                        torch.cat([latent, latent]), timestep, conditioning.pass_batch(p), run_unet,
+                        query_count, capture_maps, False,
+                    )
+                predictions.append(pass_prediction.float().view(2, batch, *latent.shape[1:]))
+                if pass_probs is not None:
+                    maps.append(per_pass_maps(pass_probs, 1)[0])
+            prediction = torch.stack(predictions)
+            probs = torch.stack(maps) if maps else None
+        return prediction[:, 0], prediction[:, 1], probs
+
+    def _masks(self, probs: torch.Tensor | None, latent: torch.Tensor) -> torch.Tensor:
+        """(P, B, 1, h, w) fusion weights."""
+        latent_hw = tuple(latent.shape[-2:])
+        if probs is None:
+            masks = uniform_masks(len(self.plan.passes), latent_hw, device=latent.device)
+            return masks.unsqueeze(1).expand(-1, latent.shape[0], -1, -1, -1)
+        return concept_masks(probs, self.plan, self.settings.mask_threshold, latent_hw)

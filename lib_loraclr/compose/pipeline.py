@@ -1,0 +1,291 @@
+"""Standalone CLoRA generation on a diffusers model, and the ``compose`` CLI command.
+
+The sampler is the engine's own (``sampling``'s k-diffusion formulation, trailing
+timesteps): ``x = x0 + sigma * noise``, the UNet sees ``z = x / sqrt(1 + sigma^2)``. The
+CLoRA latent update acts on z, the latent the UNet is fed, as in the reference (which
+updates diffusers' latents); x is rescaled from the updated z before the solver step.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from PIL import Image
+
+from ..hosts.diffusers import DiffusersModel
+from ..lora.base import LoraFile
+from ..lora.reader import read_lora
+from ..lora.writer import atomic_write
+from ..runtime import LoraRuntime
+from ..sampling import decode_latents, initial_noise, sigmas_for, trailing_timesteps
+from .attention import cross_attention_modules
+from .concepts import ConceptPlan, LoraConcept, plan_concepts
+from .engine import ComposeEngine, encode_passes
+from .fusion import pass_lora_sets
+from .overlay import overlay_sheet
+from .settings import ComposeSettings
+
+SAMPLERS = ("dpmpp_2m", "euler")
+
+
+@dataclass
+class ComposeResult:
+    """images: B PIL images; latents: (B, C, h, w) final x0; masks: (P, B, 1, h, w) last
+    step's fusion weights; plan: the passes and concept groups used."""
+
+    images: list
+    latents: torch.Tensor
+    masks: torch.Tensor
+    plan: ConceptPlan
+
+
+class CLoRAPipeline:
+    """CLoRA text-to-image on a ``DiffusersModel`` (its VAE decodes unless another is given)."""
+
+    def __init__(self, model: DiffusersModel, vae=None):
+        self.model = model
+        self.vae = vae if vae is not None else model.vae
+
+    def __call__(
+        self,
+        prompt: str,
+        concepts: Sequence[LoraConcept],
+        loras: Sequence[LoraFile],
+        *,
+        styles: Sequence[tuple[LoraFile, Sequence[int] | None]] = (),
+        lora_weights: Sequence[float] | None = None,
+        negative_prompt: str = "",
+        steps: int = 50,
+        seed: int = 0,
+        height: int = 512,
+        width: int = 512,
+        batch_size: int = 1,
+        settings: ComposeSettings | None = None,
+        sampler: str = "dpmpp_2m",
+        mode: str = "fast",
+        callback: Callable[[int, int], None] | None = None,
+        decode: bool = True,
+    ) -> ComposeResult:
+        """Generate ``batch_size`` images of ``prompt`` with one subject LoRA per concept.
+
+        styles: (LoRA, None) for a global style, (LoRA, concept indices) to limit it to those
+        subjects' masks. lora_weights: one multiplier per subject then per style LoRA.
+        """
+        settings = settings or ComposeSettings()
+        if len(concepts) != len(loras):
+            raise ValueError(f"{len(concepts)} concepts but {len(loras)} subject LoRAs: give one LoRA per concept")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+        model = self.model
+        factor = model.vae_scale_factor
+        if height % factor or width % factor:
+            raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
+        plan = plan_concepts(prompt, concepts, model.tokenizer)
+        all_loras = list(loras) + [style for style, _ in styles]
+        style_groups = {len(loras) + i: groups for i, (_, groups) in enumerate(styles)}
+        lora_sets = pass_lora_sets(plan, style_groups)
+
+        with LoraRuntime(model.targets(), all_loras, lora_weights) as runtime:
+            conditioning = encode_passes(model.encode, runtime, plan, lora_sets, negative_prompt, batch_size)
+            engine = ComposeEngine(
+                plan, settings, runtime, lora_sets, cross_attention_modules(model.unet), steps,
+                vae_scale_factor=factor, mode=mode,
+            )
+            latents, masks = self._sample(engine, conditioning, steps, seed, height, width, sampler, callback)
+        images = decode_latents(self.vae, latents) if decode else []
+        return ComposeResult(images, latents, masks, plan)
+
+    def _sample(self, engine, conditioning, steps, seed, height, width, sampler, callback):
+        """DPM++(2M) or Euler over trailing timesteps, CLoRA's step in place of the UNet call."""
+        model = self.model
+        timesteps = trailing_timesteps(len(model.alphas_cumprod), steps)
+        sigmas = sigmas_for(model.alphas_cumprod, timesteps).tolist()
+        shape = (conditioning.batch_size, model.latent_channels, height // model.vae_scale_factor,
+                 width // model.vae_scale_factor)
+        x = initial_noise(shape, seed).to(model.device) * (1.0 + sigmas[0] ** 2) ** 0.5
+        previous_denoised, masks = None, None
+        for i in range(steps):
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            input_scale = (1.0 + sigma**2) ** -0.5
+            timestep = torch.tensor(int(timesteps[i]), device=model.device)
+            model_input = (x * input_scale).to(model.dtype)
+            result = engine.step(i, model_input, timestep, conditioning, model.unet_eps)
+            x = result.latent.float() / input_scale
+            denoised = x - sigma * result.prediction
+            masks = result.masks
+            ratio = sigma_next / sigma  # exp(-h)
+            if sampler == "euler" or previous_denoised is None or sigma_next == 0:
+                estimate = denoised
+            else:
+                r = math.log(sigmas[i - 1] / sigma) / math.log(sigma / sigma_next)
+                estimate = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * previous_denoised
+            x = ratio * x + (1 - ratio) * estimate
+            previous_denoised = denoised
+            if callback is not None:
+                callback(i, steps)
+        return x, masks
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"512" or "768x512" (width x height) -> (height, width)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise ValueError(f"size {text!r}: expected N or WIDTHxHEIGHT, e.g. 512 or 768x512") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise ValueError(f"size {text!r}: expected N or WIDTHxHEIGHT, e.g. 512 or 768x512")
+    width, height = parts
+    return height, width
+
+
+def _image_bytes(image: Image.Image, path: str) -> bytes:
+    extension = os.path.splitext(path)[1].lower()
+    image_format = Image.registered_extensions().get(extension)
+    if image_format is None:
+        raise ValueError(f"{path}: unknown image type {extension!r} (use .png, .jpg or .webp)")
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def _check_outputs(paths: list[str], overwrite: bool) -> None:
+    for path in paths:
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"{path} already exists; choose another name or pass --overwrite")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise FileNotFoundError(f"output folder {os.path.dirname(os.path.abspath(path))} does not exist")
+        _image_bytes(Image.new("RGB", (1, 1)), path)
+
+
+def _read_loras(paths: Sequence[str], role: str) -> list[LoraFile]:
+    loras = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{role} LoRA {path}: no such file")
+        loras.append(read_lora(path))
+    return loras
+
+
+def compose(
+    base: str,
+    prompt: str,
+    loras: Sequence[str],
+    words: Sequence[str],
+    out: str,
+    *,
+    triggers: Sequence[str | None] | None = None,
+    styles: Sequence[str] = (),
+    negative_prompt: str = "",
+    steps: int = 50,
+    seed: int = 0,
+    size: tuple[int, int] = (512, 512),
+    settings: ComposeSettings | None = None,
+    sampler: str = "dpmpp_2m",
+    save_masks: str | None = None,
+    overwrite: bool = False,
+    device: str = "cpu",
+    config: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Load a base model and LoRA files, generate one CLoRA image, write it (and the masks).
+
+    Everything that can be checked before the model loads is checked first. Returns
+    {"image": path, "masks": path or None, "passes": [prompts]}.
+    """
+    from ..hosts.diffusers import load_base
+
+    triggers = list(triggers) if triggers else [None] * len(loras)
+    if not loras:
+        raise ValueError("give at least one --lora")
+    if len(words) != len(loras) or len(triggers) != len(loras):
+        raise ValueError(
+            f"{len(loras)} --lora but {len(words)} --words and {len(triggers)} --trigger: give one of each per --lora"
+        )
+    _check_outputs([out] + ([save_masks] if save_masks else []), overwrite)
+    subject_loras = _read_loras(loras, "subject")
+    style_loras = _read_loras(styles, "style")
+    concepts = [LoraConcept(w, t or None) for w, t in zip(words, triggers)]
+    model = load_base(base, config=config, device=device)
+    height, width = size
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc="CLoRA", unit="step")
+    try:
+        result = CLoRAPipeline(model)(
+            prompt, concepts, subject_loras, styles=[(style, None) for style in style_loras],
+            negative_prompt=negative_prompt, steps=steps, seed=seed, height=height, width=width,
+            settings=settings, sampler=sampler, callback=(lambda i, n: bar.update(1)) if bar else None,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    atomic_write(out, _image_bytes(result.images[0], out), overwrite)
+    if save_masks:
+        sheet = overlay_sheet(result.images, result.masks, [lora.name for lora in subject_loras])
+        atomic_write(save_masks, _image_bytes(sheet, save_masks), overwrite)
+    return {"image": out, "masks": save_masks, "passes": [p.clean_prompt for p in result.plan.passes]}
+
+
+def cmd_compose(args) -> int:
+    defaults = ComposeSettings()
+    settings = replace(
+        defaults,
+        guidance_scale=args.guidance,
+        step_size=args.step_size,
+        mask_threshold=args.mask_threshold,
+        attention_res_divisor=args.attention_divisor,
+        use_latent_update=not args.no_latent_update,
+        use_masks=not args.no_masks,
+    )
+    summary = compose(
+        args.base, args.prompt, args.lora, args.words or [], args.out, triggers=args.trigger,
+        styles=args.style or [], negative_prompt=args.negative_prompt, steps=args.steps, seed=args.seed,
+        size=parse_size(args.size), settings=settings, sampler=args.sampler, save_masks=args.save_masks,
+        overwrite=args.overwrite, device=args.device, config=args.config,
+    )
+    for i, pass_prompt in enumerate(summary["passes"]):
+        print(f"pass {i}: {pass_prompt}")
+    print(f"wrote {summary['image']}" + (f" and {summary['masks']}" if summary["masks"] else ""))
+    return 0
+
+
+def add_compose_command(subparsers):
+    """Add ``compose`` to the CLI's subparsers; returns its parser."""
+    defaults = ComposeSettings()
+    parser = subparsers.add_parser("compose", help="generate an image with several LoRAs composed by CLoRA")
+    parser.add_argument("--base", required=True, help="diffusers folder or single-file SD checkpoint")
+    parser.add_argument("--config", help="local diffusers folder with configs + tokenizer, for a single-file base")
+    parser.add_argument("--prompt", required=True, help='base prompt naming every subject, e.g. "a cat and a dog"')
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--lora", action="append", required=True, help="a subject LoRA file (repeat)")
+    parser.add_argument("--words", action="append", help="the prompt words of the matching --lora's subject (repeat)")
+    parser.add_argument("--trigger", action="append",
+                        help="trigger word(s) of the matching --lora, inserted before its words in its own prompt "
+                             "(repeat in order; '' for none)")
+    parser.add_argument("--style", action="append", help="a style LoRA applied to the whole image (repeat)")
+    parser.add_argument("--out", required=True, help="output image (.png, .jpg, .webp)")
+    parser.add_argument("--save-masks", help="also write each subject's mask over the image here")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, default=defaults.guidance_scale)
+    parser.add_argument("--size", default="512", help="N or WIDTHxHEIGHT in pixels")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
+    parser.add_argument("--step-size", type=float, default=defaults.step_size, help="latent update step size")
+    parser.add_argument("--mask-threshold", type=float, default=defaults.mask_threshold)
+    parser.add_argument("--attention-divisor", type=int, default=defaults.attention_res_divisor,
+                        help="read attention maps at image size / this (32: 16x16 at 512px)")
+    parser.add_argument("--no-latent-update", action="store_true", help="skip the contrastive latent update")
+    parser.add_argument("--no-masks", action="store_true", help="average the passes instead of masking")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    parser.set_defaults(func=cmd_compose)
+    return parser

@@ -1,0 +1,95 @@
+"""The CLoRA knobs in one place, so the CLI, the tab, the API and infotext share the names.
+
+Defaults are those of the CLoRA paper (``papers/clora-2024.txt``) and the authors' code
+(gemlab-vt/clora); see ``/work/shared/REFERENCE.md``. Step-indexed defaults were chosen for
+a 50-step schedule and are rescaled to the step count actually sampled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ComposeSettings:
+    """CLoRA settings.
+
+    step_size: latent update ``z <- z - step_size * grad_z L``; 20, constant over steps (code).
+    temperature: InfoNCE temperature of the contrastive loss; 0.5 (paper, section 4.2.3).
+    max_iter_to_alter: the latent is updated at steps ``i < max_iter_to_alter``; 30 of 50 in
+        the code (the notebook uses 50 of 100); the paper limits updates to early steps.
+    reference_steps: the step count the two step-indexed defaults were set for (50, code).
+    refinement_steps: steps at which the passes + update are repeated ``refinement_iters``
+        more times; {0, 10, 20} of 50 (code, following Attend-and-Excite).
+    refinement_iters: extra update iterations at each refinement step; 20 (code).
+    mask_threshold: alpha of ``mask = map >= alpha * max(map)``; 0.3 (code default; the
+        notebook uses 0.4).
+    attention_res_divisor: maps come from cross-attention layers whose query count is
+        (H/32)*(W/32) for an HxW image: 16x16 at 512px, SD1.5's 2 down + 3 up layers (code).
+        A setting so tiny test models and other architectures can pick another resolution.
+    use_latent_update: run the contrastive latent update (the paper's attention refinement).
+    use_masks: fuse passes with attention masks; off = plain per-pass average (ablation).
+    guidance_scale: classifier-free guidance scale; 7.5 (code, diffusers' SD default).
+    """
+
+    step_size: float = 20.0
+    temperature: float = 0.5
+    max_iter_to_alter: int = 30
+    reference_steps: int = 50
+    refinement_steps: tuple[int, ...] = (0, 10, 20)
+    refinement_iters: int = 20
+    mask_threshold: float = 0.3
+    attention_res_divisor: int = 32
+    use_latent_update: bool = True
+    use_masks: bool = True
+    guidance_scale: float = 7.5
+
+    def __post_init__(self):
+        object.__setattr__(self, "refinement_steps", tuple(int(s) for s in self.refinement_steps))
+        checks = {
+            "step_size": self.step_size >= 0,
+            "temperature": self.temperature > 0,
+            "max_iter_to_alter": self.max_iter_to_alter >= 0,
+            "reference_steps": self.reference_steps > 0,
+            "refinement_steps": all(s >= 0 for s in self.refinement_steps),
+            "refinement_iters": self.refinement_iters >= 0,
+            "mask_threshold": 0 < self.mask_threshold <= 1,
+            "attention_res_divisor": self.attention_res_divisor > 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
+            raise ValueError(f"ComposeSettings: invalid value(s): {values}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, object]) -> "ComposeSettings":
+        """Build from a dict (API payload, infotext); unknown keys are an error, not ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"ComposeSettings: unknown key(s) {unknown}; known: {sorted(names)}")
+        return cls(**values)
+
+    def _scaled(self, step: int, num_steps: int) -> int:
+        # Round half up: 30 of 50 -> 12 of 20, 10 of 50 -> 5 of 25.
+        return math.floor(step * num_steps / self.reference_steps + 0.5)
+
+    def alter_until(self, num_steps: int) -> int:
+        """Latent updates run at steps ``i < alter_until(num_steps)`` (same fraction as 30/50)."""
+        return min(num_steps, self._scaled(self.max_iter_to_alter, num_steps))
+
+    def refinement_steps_for(self, num_steps: int) -> tuple[int, ...]:
+        """The refinement steps rescaled to ``num_steps`` (sorted, unique, < num_steps)."""
+        scaled = {self._scaled(s, num_steps) for s in self.refinement_steps}
+        return tuple(sorted(s for s in scaled if s < num_steps))
+
+    def attention_map_hw(self, height: int, width: int) -> tuple[int, int]:
+        """Spatial size of the attention maps used for an image of height x width pixels.
+
+        Ceil division, because the UNet's stride-2 convolutions round up odd sizes.
+        """
+        d = self.attention_res_divisor
+        return -(-height // d), -(-width // d)

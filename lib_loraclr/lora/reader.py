@@ -1,0 +1,274 @@
+"""Read any supported LoRA file into a ``LoraFile`` of canonical targets.
+
+Files are untrusted: ``.safetensors`` is read by safetensors, pickle-based files only by
+``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter, defaultdict
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .base import ARCHITECTURES, LoraFile, LoraFormatError, sidecar_path
+from .keys import KOHYA_PREFIXES, diffusers_to_target, kohya_to_target, conv_kernel_hint
+from .modules import ALPHA, module_class_for
+
+PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
+TOP_TAGS = 3  # trigger words taken from ss_tag_frequency when no sidecar names them
+
+# Cross-attention context width (in-features of attn2.to_k/to_v) -> architecture.
+CONTEXT_WIDTH_ARCH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+
+# Dotted-format LoRA keys (diffusers, PEFT, old attention processors): pattern -> role.
+# The ``path`` group is the module path (old processor keys keep ``to_k`` of ``to_k_lora``).
+_DOTTED_SUFFIXES = (
+    (re.compile(r"(?P<path>.+)\.lora_A(?:\.[^.]+)?\.weight"), "lora_down.weight"),
+    (re.compile(r"(?P<path>.+)\.lora_B(?:\.[^.]+)?\.weight"), "lora_up.weight"),
+    (re.compile(r"(?P<path>.+)\.(?:lora|lora_linear_layer)\.down\.weight"), "lora_down.weight"),
+    (re.compile(r"(?P<path>.+)\.(?:lora|lora_linear_layer)\.up\.weight"), "lora_up.weight"),
+    (re.compile(r"(?P<path>.+\.to_(?:q|k|v|out))_lora\.down\.weight"), "lora_down.weight"),
+    (re.compile(r"(?P<path>.+\.to_(?:q|k|v|out))_lora\.up\.weight"), "lora_up.weight"),
+    (re.compile(r"(?P<path>.+)\.alpha"), ALPHA),
+)
+
+# kohya suffix spellings that mean the same role.
+_KOHYA_ROLE_ALIASES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+
+# Module paths of CLIP text encoders (PEFT files carry no component prefix).
+_CLIP_MODULE_NAMES = {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
+
+
+class ArchMismatchError(ValueError):
+    """LoRAs made for different base models were used together."""
+
+
+def _load_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise LoraFormatError(f"{name}: no such file ({path})")
+    if path.lower().endswith(".safetensors"):
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                metadata = dict(f.metadata() or {})
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise LoraFormatError(f"{name}: not a readable safetensors file ({exc})") from exc
+        return tensors, metadata
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
+            raise LoraFormatError(
+                f"{name}: refused; a pickle file may hold only tensors and plain containers "
+                f"(torch.load weights_only=True failed: {type(exc).__name__}: {exc})"
+            ) from exc
+        if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+            loaded = loaded["state_dict"]
+        if not isinstance(loaded, dict):
+            raise LoraFormatError(f"{name}: expected a dict of tensors, found {type(loaded).__name__}")
+        for key, value in loaded.items():
+            if not isinstance(value, torch.Tensor):
+                raise LoraFormatError(f"{name}: key {key!r} holds {type(value).__name__}, not a tensor")
+        return dict(loaded), {}
+    raise LoraFormatError(f"{name}: unsupported file type (use .safetensors, .pt, .ckpt, .bin)")
+
+
+def _adapter_config(path: str) -> dict:
+    """PEFT's adapter_config.json beside the file, or {}."""
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
+    if not os.path.isfile(config_path):
+        return {}
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise LoraFormatError(f"{os.path.basename(path)}: unreadable {config_path} ({exc})") from exc
+
+
+def _peft_alpha(config: dict, path: str) -> float | None:
+    """The alpha giving PEFT's scale (lora_alpha / r, or / sqrt(r) with rsLoRA) for one module."""
+    if "lora_alpha" not in config:
+        return None
+    alpha = float(config["lora_alpha"])
+    rank = float(config.get("r", 8))
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", path):
+            alpha = float(value)
+    for pattern, value in (config.get("rank_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", path):
+            rank = float(value)
+    if config.get("use_rslora"):
+        return alpha * math.sqrt(rank)
+    return alpha
+
+
+def _default_component(config: dict, paths: list[str]) -> str:
+    """Component of prefix-less PEFT keys: text encoder when they name CLIP modules."""
+    targets = config.get("target_modules") or []
+    if isinstance(targets, list) and targets and set(targets) <= _CLIP_MODULE_NAMES:
+        return "text_encoder"
+    if paths and all(p.startswith(("text_model.", "encoder.layers.")) for p in paths):
+        return "text_encoder"
+    return "unet"
+
+
+def _split_key(key: str) -> tuple[str, str, str]:
+    """key -> (family, module key, role). family is "kohya" or "dotted"."""
+    if key.startswith(tuple(KOHYA_PREFIXES)):
+        module_key, _, suffix = key.partition(".")
+        return "kohya", module_key, _KOHYA_ROLE_ALIASES.get(suffix, suffix)
+    for pattern, role in _DOTTED_SUFFIXES:
+        m = pattern.fullmatch(key)
+        if m is not None:
+            return "dotted", m.group("path"), role
+    module_key, _, suffix = key.rpartition(".")
+    return "dotted", module_key, suffix
+
+
+def _detect_format(keys: list[str]) -> str:
+    if any(k.startswith(tuple(KOHYA_PREFIXES)) for k in keys):
+        return "kohya"
+    if any(k.startswith("base_model.model.") for k in keys):
+        return "peft"
+    return "diffusers"
+
+
+def _detect_arch(metadata: dict[str, str], modules: dict) -> str | None:
+    own = metadata.get("loraclr_arch")
+    if own in ARCHITECTURES:
+        return own
+    version = metadata.get("ss_base_model_version", "")
+    if version.startswith("sdxl"):
+        return "sdxl"
+    if metadata.get("ss_v2") == "True" or version.startswith("sd_v2"):
+        return "sd2"
+    if version.startswith("sd_v1"):
+        return "sd1"
+    if any(m.component == "text_encoder_2" for m in modules.values()):
+        return "sdxl"
+    for target, module in modules.items():
+        if target.startswith("unet.") and target.endswith(("attn2.to_k", "attn2.to_v")):
+            arch = CONTEXT_WIDTH_ARCH.get(module.weight_shape[1])
+            if arch is not None:
+                return arch
+    return None
+
+
+def _read_sidecar(path: str) -> dict:
+    sidecar = sidecar_path(path)
+    if not os.path.isfile(sidecar):
+        return {}
+    try:
+        with open(sidecar, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _triggers(path: str, metadata: dict[str, str]) -> list[str]:
+    """Sidecar ``activation text`` (comma separated), else the most frequent training tags."""
+    activation = _read_sidecar(path).get("activation text")
+    if isinstance(activation, str) and activation.strip():
+        return [word.strip() for word in activation.split(",") if word.strip()]
+    try:
+        frequency = json.loads(metadata.get("ss_tag_frequency", "{}"))
+    except ValueError:
+        return []
+    counts: Counter[str] = Counter()
+    if isinstance(frequency, dict):
+        for tags in frequency.values():
+            if isinstance(tags, dict):
+                counts.update({tag.strip(): int(n) for tag, n in tags.items() if isinstance(n, (int, float))})
+    return [tag for tag, _ in counts.most_common(TOP_TAGS) if tag]
+
+
+def read_lora(path: str) -> LoraFile:
+    """Read a kohya / LyCORIS / diffusers / PEFT LoRA file; LoraFormatError if we cannot."""
+    name = os.path.basename(path)
+    tensors, metadata = _load_tensors(path)
+    if not tensors:
+        raise LoraFormatError(f"{name}: holds no tensors, not a LoRA file")
+    keys = list(tensors)
+    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    families: dict[str, str] = {}
+    for key in keys:
+        family, module_key, role = _split_key(key)
+        if role in groups[module_key]:
+            raise LoraFormatError(f"{name}: key {key!r} repeats role {role!r} of {module_key!r}")
+        groups[module_key][role] = tensors[key]
+        families[module_key] = family
+    config = _adapter_config(path)
+    dotted_paths = [k.removeprefix("base_model.model.") for k, f in families.items() if f == "dotted"]
+    default_component = _default_component(config, dotted_paths)
+
+    modules = {}
+    for module_key, group in groups.items():
+        cls = module_class_for(set(group))
+        if cls is None:
+            roles = ", ".join(sorted(group))
+            raise LoraFormatError(
+                f"{name}: key {module_key!r} has a module type we cannot read (parts: {roles})"
+            )
+        try:
+            if families[module_key] == "kohya":
+                target = kohya_to_target(module_key)
+            else:
+                target = diffusers_to_target(module_key, default_component)
+        except ValueError as exc:
+            raise LoraFormatError(f"{name}: key {module_key!r}: {exc}") from exc
+        if ALPHA not in group and families[module_key] == "dotted":
+            alpha = _peft_alpha(config, module_key.removeprefix("base_model.model."))
+            if alpha is not None:
+                group[ALPHA] = torch.tensor(alpha)
+        if target in modules:
+            raise LoraFormatError(f"{name}: key {module_key!r} names {target!r} a second time")
+        module = cls(target=target, tensors=group, kernel=conv_kernel_hint(target))
+        try:
+            module.check_shapes()
+        except (RuntimeError, ValueError) as exc:
+            raise LoraFormatError(f"{name}: key {module_key!r}: tensor shapes do not fit ({exc})") from exc
+        modules[target] = module
+    return LoraFile(
+        path=path,
+        format=_detect_format(keys),
+        arch=_detect_arch(metadata, modules),
+        modules=modules,
+        metadata=metadata,
+        triggers=_triggers(path, metadata),
+    )
+
+
+def check_same_arch(loras: list[LoraFile]) -> str | None:
+    """The one architecture of ``loras`` (None if none can be told); raise if they differ."""
+    archs = {lora.arch for lora in loras if lora.arch is not None}
+    if len(archs) > 1:
+        listing = ", ".join(f"{lora.name} ({lora.arch or 'unknown'})" for lora in loras)
+        raise ArchMismatchError(
+            f"these LoRAs are for different base models and cannot be used together: {listing}"
+        )
+    return archs.pop() if archs else None
+
+
+def describe(lora: LoraFile) -> dict:
+    """A plain summary for ``inspect``: what the file is and what it adapts."""
+    ranks = [m.rank for m in lora.modules.values()]
+    alphas = sorted({m.alpha for m in lora.modules.values()})
+    return {
+        "name": lora.name,
+        "format": lora.format,
+        "arch": lora.arch,
+        "module_kinds": dict(Counter(m.kind for m in lora.modules.values())),
+        "rank_min": min(ranks),
+        "rank_max": max(ranks),
+        "alpha": alphas[0] if len(alphas) == 1 else alphas,
+        "layers": dict(Counter(m.component for m in lora.modules.values())),
+        "has_text_encoder": any(m.component != "unet" for m in lora.modules.values()),
+        "triggers": list(lora.triggers),
+    }

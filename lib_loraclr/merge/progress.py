@@ -1,0 +1,65 @@
+"""Progress reporting and cancellation, shared by the CLI, background jobs and the WebUI tab."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+
+class MergeCancelled(Exception):
+    """Raised inside the engine when the user cancelled; callers clean up and write nothing."""
+
+
+@dataclass
+class ProgressState:
+    stage: str = "queued"
+    layer: str = ""
+    fraction: float = 0.0  # overall, 0..1
+    message: str = ""
+
+
+# Rough share of the run each stage takes, so one bar can move smoothly across stages.
+STAGE_SPAN = {
+    "load": (0.0, 0.05),
+    "text_encoder": (0.05, 0.2),
+    "cross_kv": (0.2, 0.3),
+    "sampling": (0.3, 0.75),
+    "unet": (0.75, 0.9),
+    "write": (0.9, 1.0),
+}
+
+
+class Progress:
+    """Thread-safe progress sink with a cancel flag; ``listener`` sees every update."""
+
+    def __init__(self, listener=None):
+        self.state = ProgressState()
+        self.listener = listener
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
+
+    def update(self, stage: str, done: int = 0, total: int = 1, layer: str = "", message: str = "", check: bool = True):
+        """Record progress; raises ``MergeCancelled`` here if the user cancelled (unless ``check`` is False)."""
+        start, end = STAGE_SPAN.get(stage, (0.0, 1.0))
+        fraction = start + (end - start) * (done / max(total, 1))
+        with self._lock:
+            self.state = ProgressState(stage, layer, min(max(fraction, 0.0), 1.0), message)
+        if self.listener is not None:
+            self.listener(self.state)
+        if check:
+            self.check()
+
+    def cancel(self):
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def check(self):
+        if self._cancel.is_set():
+            raise MergeCancelled("merge cancelled by the user")
+
+    def snapshot(self) -> ProgressState:
+        with self._lock:
+            return ProgressState(**vars(self.state))

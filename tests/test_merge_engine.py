@@ -1,0 +1,175 @@
+"""The merge end to end on a tiny SD1 model: files in, one LoRA file out, report, refusals."""
+
+import json
+import os
+import threading
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lib_loraclr.demo import concept_deltas
+from lib_loraclr.hosts.diffusers import load_base
+from lib_loraclr.jobs import JobManager
+from lib_loraclr.lora.reader import read_lora
+from lib_loraclr.lora.writer import write_kohya_lora, write_sidecar
+from lib_loraclr.merge.capture import layer_matrix
+from lib_loraclr.merge.engine import LoraclrMerge, MergeInputError
+from lib_loraclr.merge.objective import MergeSettings, exact_loss
+from lib_loraclr.merge.pipeline import load_concepts, merge_to_file
+from lib_loraclr.merge.progress import MergeCancelled, Progress
+from lib_loraclr.merge.solvers import solve_fast, solve_reference
+from lib_loraclr.tiny import save_tiny_model
+
+TRIGGERS = ("zqx fox", "vbk robot", "plm vase")
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base") / "tiny_sd1"
+    save_tiny_model(str(folder), "sd1", seed=0)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def model(base_dir):
+    return load_base(base_dir)
+
+
+@pytest.fixture(scope="module")
+def lora_paths(model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    paths = []
+    for seed, trigger in enumerate(TRIGGERS, start=1):
+        path = str(folder / f"concept{seed}.safetensors")
+        write_kohya_lora(path, concept_deltas(model, seed), model.arch, rank=4)
+        write_sidecar(path, trigger)
+        paths.append(path)
+    return paths
+
+
+def model_outputs(model):
+    cond = model.encode(["a photo of a cat"])
+    latent = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return cond.context.clone(), model.unet_eps(latent, torch.tensor([500]), cond)
+
+
+def test_sum_is_lossless_stacking(model, lora_paths, tmp_path):
+    concepts = load_concepts(lora_paths[:2], None)
+    assert [c.trigger for c in concepts] == list(TRIGGERS[:2]), "triggers come from the sidecars"
+    out = str(tmp_path / "sum.safetensors")
+    merge_to_file(model, concepts, MergeSettings(method="sum", capture_size=SIZE, report=False), out)
+    written = read_lora(out)
+    for target in written.modules:
+        expected = sum(c.lora.modules[target].delta_weight() for c in concepts if target in c.lora.modules)
+        error = (written.modules[target].delta_weight() - expected).norm() / expected.norm()
+        assert error < 2e-3, f"{target}: stacking should be exact up to fp16 storage, error {error}"
+
+
+def test_loraclr_beats_sum_on_crosstalk_and_writes_everything(model, lora_paths, tmp_path):
+    before = model_outputs(model)
+    concepts = load_concepts(lora_paths, None)
+    out = str(tmp_path / "merged.safetensors")
+    report = str(tmp_path / "merged.report.json")
+    summary = merge_to_file(model, concepts, MergeSettings(capture_size=SIZE), out, report_path=report)
+
+    after = model_outputs(model)
+    assert all(torch.equal(a, b) for a, b in zip(before, after)), "the merge must leave the model untouched"
+
+    quality = summary["quality"]
+    for concept in concepts:
+        ours, stacked = quality["loraclr"][concept.lora.name]["overall"], quality["sum"][concept.lora.name]["overall"]
+        assert ours["crosstalk"] < stacked["crosstalk"]
+    with open(report) as handle:
+        assert json.load(handle)["quality"] == json.loads(json.dumps(quality))
+
+    with safe_open(out, "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_network_module"] == "networks.lora"
+    assert metadata["ss_output_name"] == "merged"
+    assert metadata["loraclr_method"] == "loraclr"
+    assert [i["trigger"] for i in json.loads(metadata["loraclr_inputs"])] == list(TRIGGERS)
+    for concept in concepts:
+        with safe_open(concept.lora.path, "pt") as handle:
+            assert handle.metadata()["sshs_model_hash"] != metadata["sshs_model_hash"]
+    with open(out[: -len(".safetensors")] + ".json") as handle:
+        activation = json.load(handle)["activation text"]
+    assert all(trigger in activation for trigger in TRIGGERS)
+
+
+def test_fast_solver_not_worse_than_reference_on_captured_features(model, lora_paths):
+    concepts = load_concepts(lora_paths[:2], None)
+    settings = MergeSettings(solver="reference", capture_size=SIZE, capture_steps=2, iters=10)
+    merge = LoraclrMerge(model, concepts, settings)
+    targets = merge.targets_of("text_encoder")
+    collector = merge.capture_text_encoder(targets)
+    checked = 0
+    for target, module in list(targets.items())[:6]:
+        base = layer_matrix(module)
+        inputs = collector.raw(target)
+        weights = [base if d is None else base + d for d in merge.concept_deltas[target]]
+        fast_delta, _ = solve_fast(collector.stats[target], merge.concept_deltas[target], settings)
+        from lib_loraclr.merge.solvers import solve_reference
+
+        reference_delta, _ = solve_reference(base, inputs, merge.concept_deltas[target], settings)
+        fast_loss = exact_loss(fast_delta, base, inputs, merge.concept_deltas[target], settings)
+        reference_loss = exact_loss(reference_delta, base, inputs, merge.concept_deltas[target], settings)
+        assert fast_loss <= reference_loss * (1 + 1e-5)
+        checked += 1
+    assert checked == 6
+
+
+def test_refuses_existing_output_before_any_work(model, lora_paths, tmp_path):
+    out = tmp_path / "taken.safetensors"
+    out.write_bytes(b"precious")
+    concepts = load_concepts(lora_paths[:2], None)
+    with pytest.raises(FileExistsError):
+        merge_to_file(model, concepts, MergeSettings(method="sum", capture_size=SIZE), str(out))
+    assert out.read_bytes() == b"precious"
+
+
+def test_wrong_architecture_and_missing_trigger_are_clear(model, tmp_path):
+    wrong = str(tmp_path / "wide.safetensors")
+    target = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert target in model.targets()
+    write_kohya_lora(wrong, {target: torch.randn(7, 5)}, "sd1", rank=2)
+    concepts = load_concepts([wrong, wrong], ["a", "b"])
+    with pytest.raises(MergeInputError, match="shape"):
+        LoraclrMerge(model, concepts, MergeSettings())
+    with pytest.raises(ValueError, match="no trigger"):
+        load_concepts([wrong], None)
+
+
+def test_cancelled_job_writes_nothing(model, lora_paths, tmp_path):
+    out = str(tmp_path / "cancelled.safetensors")
+    concepts = load_concepts(lora_paths[:2], None)
+    started = threading.Event()
+
+    def work(progress: Progress):
+        original = progress.listener
+
+        def listener(state):
+            original(state)
+            if state.stage == "sampling":
+                started.set()
+                progress.cancel()
+
+        progress.listener = listener
+        return merge_to_file(model, concepts, MergeSettings(capture_size=SIZE), out, progress=progress)
+
+    jobs = JobManager()
+    job_id = jobs.start(work)
+    status = jobs.wait(job_id, timeout=300)
+    assert started.is_set()
+    assert status.state == "cancelled"
+    assert not os.path.exists(out)
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("cancelled")]
+
+
+def test_cancel_flag_stops_the_engine():
+    progress = Progress()
+    progress.cancel()
+    with pytest.raises(MergeCancelled):
+        progress.update("load", 0, 1)
