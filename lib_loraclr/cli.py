@@ -1,4 +1,4 @@
-"""``python -m lib_loraclr inspect | merge | demo``."""
+"""``python -m lib_loraclr inspect | merge | compose | demo``."""
 
 from __future__ import annotations
 
@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     _add_merge_settings(merge)
     merge.set_defaults(func=cmd_merge)
+
+    from .compose.pipeline import add_compose_command
+
+    add_compose_command(commands)
 
     demo = commands.add_parser("demo", help="merge tiny built-in concept LoRAs on a tiny built-in model")
     demo.add_argument("--out", default="loraclr_demo", help="folder for the demo's files (a new one is picked if it exists)")

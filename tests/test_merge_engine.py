@@ -173,3 +173,52 @@ def test_cancel_flag_stops_the_engine():
     progress.cancel()
     with pytest.raises(MergeCancelled):
         progress.update("load", 0, 1)
+
+
+def test_merged_file_loads_in_diffusers_and_reproduces_the_merge(base_dir, lora_paths, tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    from diffusers import StableDiffusionPipeline
+
+    from lib_loraclr.hosts.diffusers import DiffusersModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = str(tmp_path / "for_diffusers.safetensors")
+    model = load_base(base_dir)
+    merge_to_file(model, load_concepts(lora_paths, None), MergeSettings(capture_size=SIZE, capture_steps=4), out)
+    written = read_lora(out)
+
+    pipe = StableDiffusionPipeline.from_pretrained(base_dir, local_files_only=True, safety_checker=None)
+    targets = DiffusersModel.from_pipeline(pipe).targets()
+    base = {t: targets[t].weight.detach().clone() for t in written.modules}
+    assert any(t.startswith("text_encoder.") for t in written.modules)
+    pipe.load_lora_weights(str(tmp_path), weight_name=os.path.basename(out))
+    pipe.fuse_lora()
+    for target, module in written.modules.items():
+        expected = base[target] + module.delta_weight().reshape(base[target].shape)
+        torch.testing.assert_close(targets[target].weight.detach(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_sdxl_loras_merge(tiny_sdxl, tmp_path):
+    paths = []
+    for seed, trigger in enumerate(TRIGGERS[:2], start=1):
+        path = str(tmp_path / f"xl{seed}.safetensors")
+        write_kohya_lora(path, concept_deltas(tiny_sdxl, seed), "sdxl", rank=4)
+        paths.append(path)
+    assert any(t.startswith("text_encoder_2.") for t in read_lora(paths[0]).modules)
+    out = str(tmp_path / "xl_merged.safetensors")
+    summary = merge_to_file(tiny_sdxl, load_concepts(paths, list(TRIGGERS[:2])),
+                            MergeSettings(capture_size=SIZE, capture_steps=2), out)
+    merged = read_lora(out)
+    assert merged.arch == "sdxl"
+    assert {t.split(".")[0] for t in merged.modules} == {"unet", "text_encoder", "text_encoder_2"}
+    for name in ("xl1", "xl2"):
+        assert summary["quality"]["loraclr"][name]["overall"]["crosstalk"] < summary["quality"]["sum"][name]["overall"]["crosstalk"]
+
+
+def test_sd1_and_sdxl_loras_are_not_mixed(model, lora_paths, tiny_sdxl, tmp_path):
+    xl = str(tmp_path / "xl.safetensors")
+    write_kohya_lora(xl, concept_deltas(tiny_sdxl, 1), "sdxl", rank=4)
+    concepts = load_concepts([lora_paths[0], xl], ["zqx fox", "vbk robot"])
+    with pytest.raises(ValueError, match="sdxl"):
+        merge_to_file(model, concepts, MergeSettings(capture_size=SIZE), str(tmp_path / "mixed.safetensors"))
+    assert not os.path.exists(tmp_path / "mixed.safetensors")

@@ -20,7 +20,8 @@ Two modes with the same math:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,24 @@ from .settings import ComposeSettings
 
 RunUnet = Callable[[torch.Tensor, object, Conditioning], torch.Tensor]
 MODES = ("fast", "authors")
+
+
+@contextmanager
+def _flush_denormals(device: torch.device) -> Iterator[None]:
+    """Treat float32 subnormals as zero on the CPU while differentiating attention maps.
+
+    Why: the backward of a near-saturated softmax fills the gradients with subnormal values,
+    which x86 CPUs process over 100x slower (measured: a 0.6 s update took 90 s). Values
+    under 1.2e-38 do not change the result. CUDA is unaffected. The flag is process-wide
+    and has no getter, so it is set back to torch's default (off) afterwards.
+    """
+    if device.type != "cpu" or not torch.set_flush_denormal(True):
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 @dataclass(eq=False)
@@ -186,7 +205,7 @@ class ComposeEngine:
         """(B,) contrastive loss at ``latent`` and its gradient (B, C, h, w) w.r.t. the latent."""
         self._check(latent, conditioning)
         # Hosts may sample under inference_mode (Forge) or no_grad (A1111).
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), _flush_denormals(latent.device):
             latent_leaf = latent.detach().clone().requires_grad_(True)
             probs = self._loss_maps(latent_leaf, timestep, conditioning, run_unet)  # (P, B, N, T)
             maps, labels = gather_token_maps(probs, self.plan)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..model import Conditioning, ModelAccess
+from ..weights import PICKLE_SUFFIXES, load_pickled_tensors
 
 # The text-transformer children of a CLIP text model. transformers 4 nests them under
 # ``text_model``; transformers >= 5.6 ``CLIPTextModel`` holds them directly. Canonical target
@@ -29,7 +30,6 @@ _DEFAULT_CONFIG_REPOS = {
 }
 _CONFIG_FILES = ("model_index.json", "*/config.json", "*/scheduler_config.json", "tokenizer*/*")
 
-_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def _canonical_text_path(module_path: str, has_text_model_child: bool) -> str:
@@ -237,19 +237,8 @@ def _single_file_keys(path: str) -> list[str]:
                 return list(checkpoint.keys())
         except Exception as error:
             raise ValueError(f"{path}: not a readable safetensors file ({error})") from error
-    if path.endswith(_PICKLE_SUFFIXES):
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as error:
-            raise ValueError(
-                f"{path}: refusing to load a pickled checkpoint that holds more than tensors "
-                f"(torch.load with weights_only=True failed: {error}). Convert it to .safetensors."
-            ) from error
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-            checkpoint = checkpoint["state_dict"]
-        if not isinstance(checkpoint, dict):
-            raise ValueError(f"{path}: not a checkpoint state dict")
-        return list(checkpoint.keys())
+    if path.endswith(PICKLE_SUFFIXES):
+        return list(load_pickled_tensors(path))
     raise ValueError(f"{path}: unknown model file type (expected .safetensors, .ckpt, .pt, .pth or .bin)")
 
 

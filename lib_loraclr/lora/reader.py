@@ -15,11 +15,11 @@ from collections import Counter, defaultdict
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..weights import PICKLE_SUFFIXES, load_pickled_tensors
 from .base import ARCHITECTURES, LoraFile, LoraFormatError, sidecar_path
 from .keys import KOHYA_PREFIXES, diffusers_to_target, kohya_to_target, conv_kernel_hint
 from .modules import ALPHA, module_class_for
 
-PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
 TOP_TAGS = 3  # trigger words taken from ss_tag_frequency when no sidecar names them
 
 # Cross-attention context width (in-features of attn2.to_k/to_v) -> architecture.
@@ -62,20 +62,9 @@ def _load_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return tensors, metadata
     if path.lower().endswith(PICKLE_SUFFIXES):
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
-            raise LoraFormatError(
-                f"{name}: refused; a pickle file may hold only tensors and plain containers "
-                f"(torch.load weights_only=True failed: {type(exc).__name__}: {exc})"
-            ) from exc
-        if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-            loaded = loaded["state_dict"]
-        if not isinstance(loaded, dict):
-            raise LoraFormatError(f"{name}: expected a dict of tensors, found {type(loaded).__name__}")
-        for key, value in loaded.items():
-            if not isinstance(value, torch.Tensor):
-                raise LoraFormatError(f"{name}: key {key!r} holds {type(value).__name__}, not a tensor")
-        return dict(loaded), {}
+            return load_pickled_tensors(path), {}
+        except ValueError as exc:
+            raise LoraFormatError(f"{name}: {str(exc).removeprefix(path + ': ')}") from exc
     raise LoraFormatError(f"{name}: unsupported file type (use .safetensors, .pt, .ckpt, .bin)")
 
 

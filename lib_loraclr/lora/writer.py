@@ -1,8 +1,10 @@
 """Write kohya-format LoRA files (and A1111 sidecars) that every host can load.
 
 Dense deltas are factorised by SVD the way kohya's ``svd_merge_lora.py`` does (rank by
-request or by kept energy, values clamped at a quantile, alpha = rank so the file's delta is
-exactly up @ down). Writes are atomic: a temp file in the target folder, then os.replace.
+request or by kept energy, values clamped at a quantile). The file has one alpha (the largest
+rank) and each layer's up factor is pre-divided by alpha/rank, so every host's
+``alpha / rank * up @ down`` gives back the factorised delta. Writes are atomic: a temp file
+in the target folder, then os.replace.
 """
 
 from __future__ import annotations
@@ -142,26 +144,33 @@ def write_kohya_lora(
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
     skipped: list[str] = []
-    written: dict[str, torch.Tensor] = {}  # target -> up @ down as stored
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for target, delta in deltas.items():
         if not torch.any(delta):
             skipped.append(target)
             continue
         is_spatial_conv = delta.dim() == 4 and delta.shape[2:] != (1, 1)
         layer_rank = (conv_rank if conv_rank is not None else rank) if is_spatial_conv else rank
-        up, down = factorize(delta, layer_rank, energy, max_rank, clamp_quantile)
-        up, down = up.to(dtype), down.to(dtype)
-        matrix = delta.detach().float().flatten(1)
-        approx = up.float().flatten(1) @ down.float().flatten(1)
+        factors[target] = factorize(delta, layer_rank, energy, max_rank, clamp_quantile)
+    if not factors:
+        raise LoraFormatError(f"{os.path.basename(path)}: nothing to write, every delta is zero")
+
+    # One alpha for the whole file: diffusers ignores per-layer alphas of kohya files whose
+    # ranks differ, so each layer's alpha/rank scale is folded into its up factor instead.
+    alpha = max(down.shape[0] for _, down in factors.values())
+    written: dict[str, torch.Tensor] = {}  # target -> the delta as stored (scale * up @ down)
+    for target, (up, down) in factors.items():
+        layer_rank = down.shape[0]
+        up, down = (up * (layer_rank / alpha)).to(dtype), down.to(dtype)
+        matrix = deltas[target].detach().float().flatten(1)
+        approx = (alpha / layer_rank) * (up.float().flatten(1) @ down.float().flatten(1))
         errors[target] = float(torch.linalg.matrix_norm(matrix - approx) / torch.linalg.matrix_norm(matrix))
-        written[target] = approx.reshape(delta.shape)
+        written[target] = approx.reshape(deltas[target].shape)
         name = kohya_key(target, arch)
-        ranks[target] = down.shape[0]
+        ranks[target] = layer_rank
         tensors[f"{name}.lora_up.weight"] = up
         tensors[f"{name}.lora_down.weight"] = down
-        tensors[f"{name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=dtype)
-    if not tensors:
-        raise LoraFormatError(f"{os.path.basename(path)}: nothing to write, every delta is zero")
+        tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
 
     distinct_ranks = set(ranks.values())
     dim = str(distinct_ranks.pop()) if len(distinct_ranks) == 1 else "Dynamic"
@@ -169,7 +178,7 @@ def write_kohya_lora(
     file_metadata.update({
         "ss_network_module": "networks.lora",
         "ss_network_dim": dim,
-        "ss_network_alpha": dim,
+        "ss_network_alpha": str(alpha),
         "ss_base_model_version": BASE_MODEL_VERSION[arch],
         "ss_v2": str(arch == "sd2"),
         "ss_output_name": os.path.splitext(os.path.basename(path))[0],
