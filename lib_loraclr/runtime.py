@@ -97,7 +97,7 @@ def _base_weight_shape(target: str, module: nn.Module) -> tuple[bool, tuple[int,
     raise TypeError(f"{target}: a LoRA can only be applied to Linear or Conv2d, not {type(module).__name__}")
 
 
-def _shapes_fit(base: tuple[int, ...], lora: tuple[int, ...]) -> bool:
+def shapes_fit(base: tuple[int, ...], lora: tuple[int, ...]) -> bool:
     """Equal, or equal up to a 1x1 kernel: linear and 1x1 conv layers are the same map."""
     return tuple(base) == tuple(lora) or tuple(base) + (1, 1) == tuple(lora) or tuple(base) == tuple(lora) + (1, 1)
 
@@ -152,7 +152,7 @@ class LoraRuntime:
                 if site is None:
                     is_conv, shape = _base_weight_shape(target, targets[target])
                     site = sites[target] = _Site(target, targets[target], is_conv, shape)
-                if not _shapes_fit(site.weight_shape, lora_module.weight_shape):
+                if not shapes_fit(site.weight_shape, lora_module.weight_shape):
                     raise LoraMismatchError(
                         f"{lora.path}: {target} has weight shape {tuple(site.weight_shape)} in this model "
                         f"but {tuple(lora_module.weight_shape)} in the LoRA (LoRA for another architecture?)"

@@ -19,7 +19,7 @@ import torch
 
 from ..lora.base import LoraFile
 from ..model import ModelAccess
-from ..runtime import LoraRuntime
+from ..runtime import LoraRuntime, shapes_fit
 from ..sampling import sample
 from .capture import FeatureCollector, layer_matrix, weights_added
 from .objective import MergeSettings
@@ -82,7 +82,7 @@ def check_inputs(model: ModelAccess, concepts: list[Concept]) -> dict[str, torch
             if target not in model_targets:
                 raise MergeInputError(f"{concept.lora.path}: layer {target} does not exist in the base model")
             base_shape = tuple(model_targets[target].weight.shape)
-            if tuple(module.weight_shape) != base_shape:
+            if not shapes_fit(base_shape, tuple(module.weight_shape)):
                 raise MergeInputError(
                     f"{concept.lora.path}: layer {target} has shape {tuple(module.weight_shape)}, "
                     f"the base model's is {base_shape} (wrong architecture?)"
