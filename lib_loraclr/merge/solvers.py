@@ -119,9 +119,9 @@ def solve_fast(stats: LayerStats, deltas: list[torch.Tensor | None], settings: M
     started = _now(stats.device)
     surrogate = Surrogate(stats, deltas)
     weight = _concept_weight(stats, settings)
-    eigenvalues, eigenvectors = torch.linalg.eigh(weight * stats.grams.sum(0))
+    eigenvalues, eigenvectors = stats.gram_sum_eigh()
     merged_delta, mu, rank = minimise_quadratic_plus_norm(
-        eigenvalues, eigenvectors, weight * surrogate.linear_sum(), settings.lambda_reg
+        weight * eigenvalues, eigenvectors, weight * surrogate.linear_sum(), settings.lambda_reg
     )
     with torch.no_grad():
         terms = surrogate.terms(merged_delta, settings)
@@ -183,7 +183,7 @@ def solve_lsq(stats: LayerStats, deltas: list[torch.Tensor | None], settings: Me
     for delta, gram in zip(deltas, stats.grams):
         if delta is not None:
             linear += delta.to(linear) @ gram
-    eigenvalues, eigenvectors = torch.linalg.eigh(stats.grams.sum(0))
+    eigenvalues, eigenvectors = stats.gram_sum_eigh()
     merged_delta, _, rank = minimise_quadratic_plus_norm(eigenvalues, eigenvectors, linear, 0.0)
     return merged_delta.float(), {"solver": "lsq", "seconds": _now(stats.device) - started, "rank": rank}
 

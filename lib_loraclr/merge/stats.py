@@ -34,6 +34,9 @@ class LayerStats:
         self.grams = torch.zeros(n_concepts, d_in, d_in, dtype=torch.float64, device=base_weight.device)
         self.target_inner = torch.zeros(n_concepts, n_concepts, dtype=torch.float64, device=base_weight.device)
         self.rows = 0  # rows per concept (aligned, so one count)
+        # While all concepts' rows together are fewer than D_in, the rows themselves are the
+        # cheaper basis of sum_i G_i (an SVD of N*R x D_in instead of an eigh of D_in x D_in).
+        self._input_rows: list[torch.Tensor] | None = []
 
     @property
     def device(self) -> torch.device:
@@ -55,6 +58,10 @@ class LayerStats:
                 )
         inputs = torch.stack(input_chunks).to(self.device, torch.float64)  # (N, r, D_in)
         self.grams.baddbmm_(inputs.transpose(1, 2), inputs)
+        if self._input_rows is not None:
+            self._input_rows.append(inputs.reshape(-1, d_in))
+            if self.n_concepts * (self.rows + rows) > d_in:
+                self._input_rows = None
         targets = torch.stack(target_chunks).to(self.device, torch.float64).reshape(self.n_concepts, -1)  # (N, r*D_out)
         self.target_inner.addmm_(targets, targets.T)
         self.rows += rows
@@ -78,6 +85,13 @@ class LayerStats:
             chunks = [x[start:start + chunk_rows].to(base_weight) for x in inputs]
             stats.add(chunks, [x @ w.T for x, w in zip(chunks, weights)])
         return stats
+
+    def gram_sum_eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues and eigenvectors (columns) of sum_i G_i, from the rows themselves when few."""
+        if not self._input_rows:
+            return torch.linalg.eigh(self.grams.sum(0))
+        _, singular_values, right_vectors = torch.linalg.svd(torch.cat(self._input_rows), full_matrices=False)
+        return singular_values.square(), right_vectors.T
 
     def gram(self, i: int) -> torch.Tensor:
         """G_i = X_i^T X_i, (D_in, D_in) float64."""
