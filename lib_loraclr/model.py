@@ -79,3 +79,8 @@ class ModelAccess(ABC):
 
     latent_channels: int = 4
     vae_scale_factor: int = 8
+
+
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 for the engines' numerics; fp32/fp64 stay as they are."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..model import at_least_float32
+
 
 class StopForward(Exception):
     """Raised from a pre-hook once every layer the capture reads has run."""
@@ -42,7 +44,7 @@ def attention_probs(module: nn.Module, hidden: torch.Tensor, context: torch.Tens
     heads = module.heads
     query = module.to_q(hidden).unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, h, N, d)
     key = module.to_k(context).unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, h, T, d)
-    scores = query.float() @ key.float().transpose(-1, -2) * module.scale  # (B, h, N, T)
+    scores = at_least_float32(query) @ at_least_float32(key).transpose(-1, -2) * module.scale  # (B, h, N, T)
     return scores.softmax(dim=-1).mean(dim=1)
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..model import Conditioning
+from ..model import Conditioning, at_least_float32
 from ..runtime import LoraRuntime
 from .attention import AttentionCapture, StopForward, per_pass_maps
 from .concepts import ConceptPlan
@@ -266,7 +266,7 @@ class ComposeEngine:
                 prediction, probs = self._run(
                     rows, timestep, conditioning.all_passes(), run_unet, query_count, capture_maps, False
                 )
-            prediction = prediction.float().view(num_passes, 2, batch, *latent.shape[1:])
+            prediction = at_least_float32(prediction).view(num_passes, 2, batch, *latent.shape[1:])
             probs = None if probs is None else per_pass_maps(probs, num_passes)
         else:
             predictions, maps = [], []
@@ -276,7 +276,7 @@ class ComposeEngine:
                         torch.cat([latent, latent]), timestep, conditioning.pass_batch(p), run_unet,
                         query_count, capture_maps, False,
                     )
-                predictions.append(pass_prediction.float().view(2, batch, *latent.shape[1:]))
+                predictions.append(at_least_float32(pass_prediction).view(2, batch, *latent.shape[1:]))
                 if pass_probs is not None:
                     maps.append(per_pass_maps(pass_probs, 1)[0])
             prediction = torch.stack(predictions)

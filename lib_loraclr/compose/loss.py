@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..model import at_least_float32
 from .concepts import ConceptPlan
 
 _EPS = 1e-12
@@ -39,7 +40,7 @@ def contrastive_attention_loss(
     if not positive.any():
         raise ValueError("contrastive loss needs a group with at least two maps (no positive pair)")
 
-    maps = maps.float()
+    maps = at_least_float32(maps)
     low = maps.amin(dim=-1, keepdim=True)
     high = maps.amax(dim=-1, keepdim=True)
     normalised = (maps - low) / (high - low).clamp_min(_EPS)

@@ -21,6 +21,7 @@ from ..hosts.diffusers import DiffusersModel
 from ..lora.base import LoraFile
 from ..lora.reader import read_lora
 from ..lora.writer import atomic_write
+from ..model import at_least_float32
 from ..runtime import LoraRuntime
 from ..sampling import decode_latents, initial_noise, sigmas_for, trailing_timesteps
 from .attention import cross_attention_modules
@@ -107,7 +108,7 @@ class CLoRAPipeline:
         sigmas = sigmas_for(model.alphas_cumprod, timesteps).tolist()
         shape = (conditioning.batch_size, model.latent_channels, height // model.vae_scale_factor,
                  width // model.vae_scale_factor)
-        x = initial_noise(shape, seed).to(model.device) * (1.0 + sigmas[0] ** 2) ** 0.5
+        x = at_least_float32(initial_noise(shape, seed).to(model.device, model.dtype)) * (1.0 + sigmas[0] ** 2) ** 0.5
         previous_denoised, masks = None, None
         for i in range(steps):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -115,7 +116,7 @@ class CLoRAPipeline:
             timestep = torch.tensor(int(timesteps[i]), device=model.device)
             model_input = (x * input_scale).to(model.dtype)
             result = engine.step(i, model_input, timestep, conditioning, model.unet_eps)
-            x = result.latent.float() / input_scale
+            x = at_least_float32(result.latent) / input_scale
             denoised = x - sigma * result.prediction
             masks = result.masks
             ratio = sigma_next / sigma  # exp(-h)
