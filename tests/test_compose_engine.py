@@ -274,3 +274,22 @@ def test_compose_cli_writes_image_and_masks(tiny_sd1_folder, lora_paths, tmp_pat
     with pytest.raises(ValueError, match="broken.safetensors"):
         run_cli([str(broken) if a == lora_paths[1] else a for a in argv] + ["--overwrite"])
     assert os.path.getsize(out) > 0
+
+
+def test_compose_cli_style_everywhere_or_on_chosen_subjects(tiny_sd1, tiny_sd1_folder, lora_paths, tmp_path):
+    style = str(tmp_path / "style.safetensors")
+    write_kohya_lora(style, attention_deltas(tiny_sd1, 3), "sd1", rank=4)
+    base_argv = [
+        "compose", "--base", tiny_sd1_folder, "--prompt", PROMPT,
+        "--lora", lora_paths[0], "--words", "cat", "--lora", lora_paths[1], "--words", "dog",
+        "--steps", "2", "--size", "64", "--attention-divisor", "16",
+    ]
+    images = {}
+    for name, extra in (("plain", []), ("global", ["--style", style]), ("on_cat", ["--style", style, "--style-on", "1"])):
+        out = str(tmp_path / f"{name}.png")
+        assert run_cli(base_argv + extra + ["--out", out]) == 0
+        images[name] = Image.open(out).tobytes()
+    assert len(set(images.values())) == 3, "a style changes the image, and limiting it changes it differently"
+    with pytest.raises(ValueError, match="from 1 to 2"):
+        run_cli(base_argv + ["--style", style, "--style-on", "3", "--out", str(tmp_path / "bad.png")])
+    assert not os.path.exists(tmp_path / "bad.png")

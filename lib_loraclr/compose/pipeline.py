@@ -174,6 +174,19 @@ def _read_loras(paths: Sequence[str], role: str) -> list[LoraFile]:
     return loras
 
 
+def _subject_numbers(text: str | None, count: int) -> list[int] | None:
+    """"1,3" -> [0, 2] (subject indices); None / "" -> None (everywhere)."""
+    if not text:
+        return None
+    try:
+        numbers = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--style-on {text!r}: give --lora numbers like 1,3") from None
+    if any(not 1 <= n <= count for n in numbers):
+        raise ValueError(f"--style-on {text!r}: --lora numbers go from 1 to {count}")
+    return [n - 1 for n in numbers]
+
+
 def compose(
     base: str,
     prompt: str,
@@ -183,6 +196,7 @@ def compose(
     *,
     triggers: Sequence[str | None] | None = None,
     styles: Sequence[str] = (),
+    style_subjects: Sequence[str | None] | None = None,
     negative_prompt: str = "",
     steps: int = 50,
     seed: int = 0,
@@ -197,7 +211,9 @@ def compose(
 ) -> dict:
     """Load a base model and LoRA files, generate one CLoRA image, write it (and the masks).
 
-    Everything that can be checked before the model loads is checked first. Returns
+    ``style_subjects[k]`` limits style k to subjects given as 1-based ``--lora`` numbers
+    ("1,3"); None or "" applies it everywhere. Everything that can be checked before the
+    model loads is checked first. Returns
     {"image": path, "masks": path or None, "passes": [prompts]}.
     """
     from ..hosts.diffusers import load_base
@@ -212,6 +228,9 @@ def compose(
     _check_outputs([out] + ([save_masks] if save_masks else []), overwrite)
     subject_loras = _read_loras(loras, "subject")
     style_loras = _read_loras(styles, "style")
+    style_groups = [_subject_numbers(text, len(loras)) for text in (style_subjects or [None] * len(styles))]
+    if len(style_groups) != len(style_loras):
+        raise ValueError(f"{len(style_loras)} --style but {len(style_groups)} --style-on: give one per --style or none")
     concepts = [LoraConcept(w, t or None) for w, t in zip(words, triggers)]
     model = load_base(base, config=config, device=device)
     height, width = size
@@ -222,7 +241,7 @@ def compose(
         bar = tqdm(total=steps, desc="CLoRA", unit="step")
     try:
         result = CLoRAPipeline(model)(
-            prompt, concepts, subject_loras, styles=[(style, None) for style in style_loras],
+            prompt, concepts, subject_loras, styles=list(zip(style_loras, style_groups)),
             negative_prompt=negative_prompt, steps=steps, seed=seed, height=height, width=width,
             settings=settings, sampler=sampler, callback=(lambda i, n: bar.update(1)) if bar else None,
         )
@@ -249,7 +268,7 @@ def cmd_compose(args) -> int:
     )
     summary = compose(
         args.base, args.prompt, args.lora, args.words or [], args.out, triggers=args.trigger,
-        styles=args.style or [], negative_prompt=args.negative_prompt, steps=args.steps, seed=args.seed,
+        styles=args.style or [], style_subjects=args.style_on, negative_prompt=args.negative_prompt, steps=args.steps, seed=args.seed,
         size=parse_size(args.size), settings=settings, sampler=args.sampler, save_masks=args.save_masks,
         overwrite=args.overwrite, device=args.device, config=args.config,
     )
@@ -272,7 +291,9 @@ def add_compose_command(subparsers):
     parser.add_argument("--trigger", action="append",
                         help="trigger word(s) of the matching --lora, inserted before its words in its own prompt "
                              "(repeat in order; '' for none)")
-    parser.add_argument("--style", action="append", help="a style LoRA applied to the whole image (repeat)")
+    parser.add_argument("--style", action="append", help="a style LoRA, applied to the whole image (repeat)")
+    parser.add_argument("--style-on", action="append",
+                        help="limit the matching --style to these subjects, as --lora numbers (e.g. 1,3)")
     parser.add_argument("--out", required=True, help="output image (.png, .jpg, .webp)")
     parser.add_argument("--save-masks", help="also write each subject's mask over the image here")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
