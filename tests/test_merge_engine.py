@@ -6,8 +6,10 @@ import threading
 
 import pytest
 import torch
+from lora_fixtures import loha_factors, lora_factors, write_diffusers_file, write_kohya_file
 from safetensors import safe_open
 
+from lib_loraclr.cli import main
 from lib_loraclr.demo import concept_deltas
 from lib_loraclr.hosts.diffusers import load_base
 from lib_loraclr.jobs import JobManager
@@ -222,3 +224,46 @@ def test_sd1_and_sdxl_loras_are_not_mixed(model, lora_paths, tiny_sdxl, tmp_path
     with pytest.raises(ValueError, match="sdxl"):
         merge_to_file(model, concepts, MergeSettings(capture_size=SIZE), str(tmp_path / "mixed.safetensors"))
     assert not os.path.exists(tmp_path / "mixed.safetensors")
+
+
+def test_cli_merges_files_from_other_tools(base_dir, model, tmp_path, capsys):
+    """PEFT-style diffusers keys, a kohya LoCon with a 3x3 conv, and a LyCORIS LoHa, merged together."""
+    targets = model.targets()
+    attention = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    cross_v = "unet.up_blocks.2.attentions.1.transformer_blocks.0.attn2.to_v"
+    conv = "unet.down_blocks.0.resnets.1.conv1"
+    te_q = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    te_out = "text_encoder.text_model.encoder.layers.0.self_attn.out_proj"
+
+    def shape(target):
+        return tuple(targets[target].weight.shape)
+
+    def scaled(factors, target, scale=0.05):
+        factors = dict(factors)
+        key = "lora_up.weight" if "lora_up.weight" in factors else "hada_w1_a"
+        factors[key] = factors[key] * scale
+        return factors
+
+    peft = write_diffusers_file(tmp_path / "peft.safetensors", {
+        t: scaled(lora_factors(shape(t)[0], shape(t)[1], 2, alpha=2, seed=i), t)
+        for i, t in enumerate((attention, cross_v, te_q, te_out))
+    })
+    locon = write_kohya_file(tmp_path / "locon.safetensors", {
+        conv: scaled(lora_factors(shape(conv)[0], shape(conv)[1], 2, alpha=1, kernel=(3, 3), seed=7), conv),
+        cross_v: scaled(lora_factors(shape(cross_v)[0], shape(cross_v)[1], 2, alpha=1, seed=8), cross_v),
+    }, "sd1")
+    loha = write_kohya_file(tmp_path / "loha.safetensors", {
+        attention: scaled(loha_factors(shape(attention)[0], shape(attention)[1], 2, seed=9), attention),
+    }, "sd1")
+    out = str(tmp_path / "merged.safetensors")
+    report = str(tmp_path / "merged.report.json")
+    args = ["merge", "--base", base_dir, "--out", out, "--report", report, "--capture-size", "64", "--capture-steps", "3"]
+    for path, trigger in ((peft, "zqx fox"), (locon, "vbk robot"), (loha, "plm vase")):
+        args += ["--lora", path, "--trigger", trigger]
+    assert main(args) == 0, capsys.readouterr().err
+    merged = read_lora(out)
+    assert set(merged.modules) == {attention, cross_v, conv, te_q, te_out}
+    assert merged.modules[conv].delta_weight().shape == shape(conv)
+    with open(report) as handle:
+        quality = json.load(handle)["quality"]["loraclr"]
+    assert all(quality[name]["overall"]["retention"] is not None for name in ("peft", "locon", "loha"))
