@@ -6,29 +6,32 @@ import argparse
 import json
 import sys
 
-from .merge.objective import MergeSettings
+from .merge.objective import METHODS, SOLVERS, MergeSettings
 
 
 def _add_merge_settings(parser: argparse.ArgumentParser):
     defaults = MergeSettings()
-    parser.add_argument("--method", choices=("loraclr", "sum", "svd", "lsq"), default=defaults.method,
+    parser.add_argument("--method", choices=METHODS, default=defaults.method,
                         help="loraclr (contrastive, default), sum (plain stacking), svd (sum then SVD), lsq (Mix-of-Show)")
-    parser.add_argument("--solver", choices=("fast", "reference"), default=defaults.solver,
+    parser.add_argument("--solver", choices=SOLVERS, default=defaults.solver,
                         help="fast: closed form on Gram statistics (default); reference: the authors' AdamW loop")
-    parser.add_argument("--margin", type=float, default=defaults.margin)
-    parser.add_argument("--lambda-reg", type=float, default=defaults.lambda_reg)
-    parser.add_argument("--lambda-mse", type=float, default=defaults.lambda_mse)
+    parser.add_argument("--margin", type=float, default=defaults.margin, help="contrastive margin (paper: 0.25-0.5)")
+    parser.add_argument("--lambda-reg", type=float, default=defaults.lambda_reg,
+                        help="weight of ||delta||_F; above 0.01 the paper finds concepts under-merged")
+    parser.add_argument("--lambda-mse", type=float, default=defaults.lambda_mse, help="weight of the MSE term")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="reference solver only")
     parser.add_argument("--iters", type=int, default=defaults.iters, help="reference solver only")
     parser.add_argument("--rank", type=int, default=None,
-                        help=f"rank of the written LoRA (default: smallest keeping {defaults.energy:.0%} energy, "
+                        help=f"rank of the written LoRA (default: smallest keeping {defaults.energy * 100:g}%% energy, "
                              f"at most {defaults.max_rank})")
-    parser.add_argument("--energy", type=float, default=defaults.energy)
-    parser.add_argument("--max-rank", type=int, default=defaults.max_rank)
-    parser.add_argument("--capture-steps", type=int, default=defaults.capture_steps)
+    parser.add_argument("--energy", type=float, default=defaults.energy,
+                        help="share of each layer's delta the automatic rank keeps (0-1]")
+    parser.add_argument("--max-rank", type=int, default=defaults.max_rank, help="cap of the automatic rank")
+    parser.add_argument("--capture-steps", type=int, default=defaults.capture_steps,
+                        help="sampling steps whose UNet layer inputs are captured")
     parser.add_argument("--capture-size", type=int, default=None, help="image size sampled for UNet features "
                         "(default 512 for SD1/SD2, 1024 for SDXL)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the capture sampling")
 
 
 def _settings_from(args) -> MergeSettings:

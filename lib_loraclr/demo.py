@@ -13,13 +13,11 @@ import torch
 
 from .hosts.diffusers import DiffusersModel, load_base
 from .lora.writer import write_kohya_lora, write_sidecar
-from .merge.engine import stage_of_target
 from .merge.objective import MergeSettings
 from .merge.pipeline import load_concepts, merge_to_file
 from .tiny import save_tiny_model
 
 DEMO_CONCEPTS = (("red_fox", "zqx fox"), ("tin_robot", "vbk robot"), ("glass_vase", "plm vase"))
-DEMO_METHODS = ("sum", "svd", "lsq", "loraclr")
 LORA_RANK = 4
 CAPTURE_SIZE = 64
 
@@ -73,7 +71,7 @@ def run_demo(out_dir: str = "loraclr_demo", device: str = "cpu") -> dict:
     print("concept LoRAs:  " + ", ".join(f"{os.path.basename(p)} ({c.trigger!r})" for p, c in zip(lora_paths, concepts)))
 
     summaries = {}
-    for method in DEMO_METHODS:
+    for method in ("sum", "svd", "lsq", "loraclr"):
         settings = MergeSettings(method=method, capture_size=CAPTURE_SIZE)
         out_path = os.path.join(folder, f"merged_{method}.safetensors")
         summaries[method] = merge_to_file(model, concepts, settings, out_path,
@@ -91,8 +89,8 @@ def run_demo(out_dir: str = "loraclr_demo", device: str = "cpu") -> dict:
             for name, _ in DEMO_CONCEPTS
         )
         print(f"{method:<10}{cells}")
-    stages = sorted({stage_of_target(t) for t in model.targets()} & set(summaries["loraclr"]["seconds"]))
-    print(f"\nloraclr stage times (s): " + ", ".join(f"{s} {summaries['loraclr']['seconds'][s]:.2f}" for s in stages))
+    seconds = summaries["loraclr"]["seconds"]
+    print("\nloraclr seconds per stage: " + ", ".join(f"{stage} {value:.2f}" for stage, value in seconds.items()))
     command = " ".join(
         ["python -m lib_loraclr merge --base", base_dir]
         + [f"--lora {p} --trigger '{t}'" for p, (_, t) in zip(lora_paths, DEMO_CONCEPTS)]

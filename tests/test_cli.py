@@ -45,6 +45,15 @@ def test_inspect_and_merge_commands(tmp_path, capsys):
     assert main(args + ["--overwrite"]) == 0
 
 
+def test_every_command_has_help(capsys):
+    for command in ("inspect", "merge", "compose", "demo"):
+        try:
+            main([command, "--help"])
+        except SystemExit as stop:
+            assert stop.code == 0
+        assert "usage:" in capsys.readouterr().out
+
+
 def test_demo_writes_every_method(tmp_path, capsys):
     out = str(tmp_path / "demo")
     summaries = run_demo(out)
