@@ -74,10 +74,12 @@ def _progress_bar():
 
 def cmd_merge(args) -> int:
     from .hosts.diffusers import load_base
+    from .merge.engine import check_concepts
     from .merge.pipeline import check_output, load_concepts, merge_to_file
 
     check_output(args.out, args.overwrite)
     concepts = load_concepts(args.lora, args.trigger, args.weight)
+    check_concepts(concepts)
     model = load_base(args.base, config=args.config, device=args.device)
     settings = _settings_from(args)
     progress, bar = _progress_bar()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lora.base import LoraFile
+from ..lora.reader import check_same_arch
 from ..model import ModelAccess
 from ..runtime import LoraRuntime, shapes_fit
 from ..sampling import sample
@@ -59,20 +60,27 @@ def stage_of_target(target: str) -> str:
     return "unet"
 
 
-def check_inputs(model: ModelAccess, concepts: list[Concept]) -> dict[str, torch.nn.Module]:
-    """Every LoRA must fit this model; returns the targets the merge touches."""
+def check_concepts(concepts: list[Concept]):
+    """What can be refused before any model is loaded: count, triggers, mixed architectures."""
     if len(concepts) < 2:
         raise MergeInputError("a merge needs at least two LoRAs")
-    names = [c.lora.name for c in concepts]
     for concept in concepts:
         if not concept.trigger.strip():
             raise MergeInputError(f"{concept.lora.path}: no trigger words given")
+    if len(set(c.trigger.strip().lower() for c in concepts)) < len(concepts):
+        names = [c.lora.name for c in concepts]
+        raise MergeInputError(f"each LoRA needs its own trigger words; got {[c.trigger for c in concepts]} for {names}")
+    check_same_arch([c.lora for c in concepts])
+
+
+def check_inputs(model: ModelAccess, concepts: list[Concept]) -> dict[str, torch.nn.Module]:
+    """Every LoRA must fit this model; returns the targets the merge touches."""
+    check_concepts(concepts)
+    for concept in concepts:
         if concept.lora.arch and concept.lora.arch != model.arch:
             raise MergeInputError(
                 f"{concept.lora.path} is a {concept.lora.arch} LoRA but the base model is {model.arch}"
             )
-    if len(set(c.trigger.strip().lower() for c in concepts)) < len(concepts):
-        raise MergeInputError(f"each LoRA needs its own trigger words; got {[c.trigger for c in concepts]} for {names}")
     model_targets = model.targets()
     used = {}
     for concept in concepts:

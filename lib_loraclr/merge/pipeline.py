@@ -8,7 +8,6 @@ import time
 
 from .. import __version__
 from ..lora.base import LoraFile, sidecar_path
-from ..lora.reader import check_same_arch
 from ..lora.writer import atomic_write, write_kohya_lora, write_sidecar
 from ..model import ModelAccess
 from .engine import Concept, LoraclrMerge
@@ -45,7 +44,6 @@ def merge_to_file(
     check_output(out_path, overwrite)
     if report_path and os.path.exists(report_path) and not overwrite:
         raise FileExistsError(f"{report_path} already exists; choose another name or allow overwriting")
-    check_same_arch([c.lora for c in concepts])
     started = time.perf_counter()
     progress.update("load", 1, 1, message=f"merging {len(concepts)} LoRAs with {settings.method}")
     merge = LoraclrMerge(model, concepts, settings, progress)
