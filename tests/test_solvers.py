@@ -201,3 +201,28 @@ def test_sum_and_input_errors():
         stats.add(inputs, [x @ base.T for x in inputs[:1]] + [inputs[1], inputs[2] @ base.T])
     with pytest.raises(ValueError, match="shape"):
         solve_fast(LayerStats.from_features(base, inputs, deltas), [deltas[0], deltas[1].T, None], MergeSettings())
+
+
+def test_row_and_gram_representations_agree():
+    """While few rows are kept, products go through the rows; they must equal the Gram products."""
+    generator = torch.Generator().manual_seed(5)
+    d_out, d_in = 6, 40
+    base = torch.randn(d_out, d_in, generator=generator, dtype=torch.float64)
+    few = LayerStats(base, 2)
+    for _ in range(3):  # 2 concepts x 3 chunks x 4 rows = 24 rows < 40: rows kept
+        inputs = [torch.randn(4, d_in, generator=generator, dtype=torch.float64) for _ in range(2)]
+        few.add(inputs, [x @ base.T for x in inputs])
+    assert few._rows() is not None
+    left, right = (torch.randn(d_out, d_in, generator=generator, dtype=torch.float64) for _ in range(2))
+    expected = torch.stack([torch.trace(left @ g @ right.T) for g in few.grams])
+    torch.testing.assert_close(few.quadratic_forms(left, right), expected)
+    for i in range(2):
+        torch.testing.assert_close(few.times_gram(i, left), left @ few.grams[i])
+    values, vectors = few.gram_sum_eigh()
+    torch.testing.assert_close((vectors * values) @ vectors.T, few.grams.sum(0))
+
+    inputs = [torch.randn(20, d_in, generator=generator, dtype=torch.float64) for _ in range(2)]
+    few.add(inputs, [x @ base.T for x in inputs])  # now 2 x 32 rows > 40: back to Grams only
+    assert few._rows() is None
+    expected = torch.stack([torch.trace(left @ g @ right.T) for g in few.grams])
+    torch.testing.assert_close(few.quadratic_forms(left, right), expected)

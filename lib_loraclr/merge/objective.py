@@ -184,7 +184,8 @@ class Surrogate:
     and it is exact whenever the bound reaches the margin (hinge certified zero).
 
     A_i = Delta_i G_i is computed once, so an evaluation costs two (D_in, D_out, D_in) products
-    (dW^T dW and dW^T W0, paired with every G_i) instead of one per concept.
+    (dW^T dW and dW^T W0, paired with every G_i) instead of one per concept, or, while the
+    statistics still hold the raw rows (fewer than D_in), products with those rows only.
     """
 
     def __init__(self, stats: LayerStats, deltas: list[torch.Tensor | None]):
@@ -193,7 +194,7 @@ class Surrogate:
             raise ValueError("LayerStats holds no rows: nothing was captured for this layer")
         self.stats = stats
         base = stats.base_weight
-        self.delta_grams = [None if d is None else d.to(base) @ g for d, g in zip(deltas, stats.grams)]  # A_i (D_out, D_in)
+        self.delta_grams = [None if d is None else stats.times_gram(i, d.to(base)) for i, d in enumerate(deltas)]  # A_i (D_out, D_in)
         zero = torch.zeros((), dtype=base.dtype, device=base.device)
         self.delta_energy = torch.stack([zero if a is None else (a * d.to(base)).sum() for a, d in zip(self.delta_grams, deltas)])
         self.delta_base = torch.stack([zero if a is None else (a * base).sum() for a in self.delta_grams])
@@ -207,9 +208,8 @@ class Surrogate:
         stats = self.stats
         n, base = stats.n_concepts, stats.base_weight
         dW = dW.to(base)
-        grams_flat = stats.grams.reshape(n, -1)  # (N, D_in^2)
-        quadratic = grams_flat @ (dW.T @ dW).reshape(-1)  # (N,) tr(dW G_i dW^T)
-        with_base = grams_flat @ (dW.T @ base).reshape(-1)  # (N,) <dW G_i, W0>
+        quadratic = stats.quadratic_forms(dW, dW)  # (N,) tr(dW G_i dW^T)
+        with_base = stats.quadratic_forms(dW, base)  # (N,) <dW G_i, W0>
         zero = torch.zeros((), dtype=base.dtype, device=base.device)
         linear = torch.stack([zero if a is None else (a * dW).sum() for a in self.delta_grams])  # (N,) <A_i, dW>
         pos_sq = (quadratic - 2 * linear + self.delta_energy).clamp_min(0)  # (N,) ||Yhat_i - Y_i||^2

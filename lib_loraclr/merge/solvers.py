@@ -180,9 +180,9 @@ def solve_lsq(stats: LayerStats, deltas: list[torch.Tensor | None], settings: Me
     if stats.rows == 0:
         raise ValueError("LayerStats holds no rows: nothing was captured for this layer")
     linear = torch.zeros_like(stats.base_weight)  # sum_i Delta_i G_i
-    for delta, gram in zip(deltas, stats.grams):
+    for i, delta in enumerate(deltas):
         if delta is not None:
-            linear += delta.to(linear) @ gram
+            linear += stats.times_gram(i, delta.to(linear))
     eigenvalues, eigenvectors = stats.gram_sum_eigh()
     merged_delta, _, rank = minimise_quadratic_plus_norm(eigenvalues, eigenvectors, linear, 0.0)
     return merged_delta.float(), {"solver": "lsq", "seconds": _now(stats.device) - started, "rank": rank}

@@ -35,8 +35,8 @@ class LayerStats:
         self.target_inner = torch.zeros(n_concepts, n_concepts, dtype=torch.float64, device=base_weight.device)
         self.rows = 0  # rows per concept (aligned, so one count)
         # While all concepts' rows together are fewer than D_in, the rows themselves are the
-        # cheaper basis of sum_i G_i (an SVD of N*R x D_in instead of an eigh of D_in x D_in).
-        self._input_rows: list[torch.Tensor] | None = []
+        # cheaper representation of the Grams (products cost R instead of D_in per row of G).
+        self._input_rows: list[torch.Tensor] | None = []  # chunks (N, r, D_in)
 
     @property
     def device(self) -> torch.device:
@@ -59,7 +59,7 @@ class LayerStats:
         inputs = torch.stack(input_chunks).to(self.device, torch.float64)  # (N, r, D_in)
         self.grams.baddbmm_(inputs.transpose(1, 2), inputs)
         if self._input_rows is not None:
-            self._input_rows.append(inputs.reshape(-1, d_in))
+            self._input_rows.append(inputs)
             if self.n_concepts * (self.rows + rows) > d_in:
                 self._input_rows = None
         targets = torch.stack(target_chunks).to(self.device, torch.float64).reshape(self.n_concepts, -1)  # (N, r*D_out)
@@ -86,12 +86,31 @@ class LayerStats:
             stats.add(chunks, [x @ w.T for x, w in zip(chunks, weights)])
         return stats
 
+    def _rows(self) -> torch.Tensor | None:
+        """(N, R, D_in) raw rows while they are kept, else None."""
+        return torch.cat(self._input_rows, dim=1) if self._input_rows else None
+
     def gram_sum_eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues and eigenvectors (columns) of sum_i G_i, from the rows themselves when few."""
-        if not self._input_rows:
+        rows = self._rows()
+        if rows is None:
             return torch.linalg.eigh(self.grams.sum(0))
-        _, singular_values, right_vectors = torch.linalg.svd(torch.cat(self._input_rows), full_matrices=False)
+        _, singular_values, right_vectors = torch.linalg.svd(rows.reshape(-1, rows.shape[-1]), full_matrices=False)
         return singular_values.square(), right_vectors.T
+
+    def times_gram(self, i: int, matrix: torch.Tensor) -> torch.Tensor:
+        """matrix @ G_i for a (D_out, D_in) matrix."""
+        rows = self._rows()
+        if rows is None:
+            return matrix @ self.grams[i]
+        return (matrix @ rows[i].T) @ rows[i]
+
+    def quadratic_forms(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """(N,) tr(left G_i right^T) for (D_out, D_in) matrices, i.e. <X_i left^T, X_i right^T>."""
+        rows = self._rows()
+        if rows is None:
+            return self.grams.reshape(self.n_concepts, -1) @ (left.T @ right).reshape(-1)
+        return ((rows @ left.T) * (rows @ right.T)).sum(dim=(1, 2))
 
     def gram(self, i: int) -> torch.Tensor:
         """G_i = X_i^T X_i, (D_in, D_in) float64."""
