@@ -108,7 +108,8 @@ class CLoRAPipeline:
         sigmas = sigmas_for(model.alphas_cumprod, timesteps).tolist()
         shape = (conditioning.batch_size, model.latent_channels, height // model.vae_scale_factor,
                  width // model.vae_scale_factor)
-        x = at_least_float32(initial_noise(shape, seed).to(model.device, model.dtype)) * (1.0 + sigmas[0] ** 2) ** 0.5
+        x = initial_noise(shape, seed).to(model.device, torch.promote_types(model.dtype, torch.float32))
+        x = x * (1.0 + sigmas[0] ** 2) ** 0.5
         previous_denoised, masks = None, None
         for i in range(steps):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]

@@ -36,7 +36,9 @@ class LayerStats:
         self.rows = 0  # rows per concept (aligned, so one count)
         # While all concepts' rows together are fewer than D_in, the rows themselves are the
         # cheaper representation of the Grams (products cost R instead of D_in per row of G).
-        self._input_rows: list[torch.Tensor] | None = []  # chunks (N, r, D_in)
+        self._input_rows: torch.Tensor | None = torch.zeros(
+            n_concepts, 0, d_in, dtype=torch.float64, device=base_weight.device
+        )  # (N, R, D_in) while kept, None once dropped
 
     @property
     def device(self) -> torch.device:
@@ -59,9 +61,8 @@ class LayerStats:
         inputs = torch.stack(input_chunks).to(self.device, torch.float64)  # (N, r, D_in)
         self.grams.baddbmm_(inputs.transpose(1, 2), inputs)
         if self._input_rows is not None:
-            self._input_rows.append(inputs)
-            if self.n_concepts * (self.rows + rows) > d_in:
-                self._input_rows = None
+            kept = self.n_concepts * (self.rows + rows) <= d_in
+            self._input_rows = torch.cat([self._input_rows, inputs], dim=1) if kept else None
         targets = torch.stack(target_chunks).to(self.device, torch.float64).reshape(self.n_concepts, -1)  # (N, r*D_out)
         self.target_inner.addmm_(targets, targets.T)
         self.rows += rows
@@ -88,7 +89,7 @@ class LayerStats:
 
     def _rows(self) -> torch.Tensor | None:
         """(N, R, D_in) raw rows while they are kept, else None."""
-        return torch.cat(self._input_rows, dim=1) if self._input_rows else None
+        return self._input_rows if self._input_rows is not None and self._input_rows.shape[1] else None
 
     def gram_sum_eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues and eigenvectors (columns) of sum_i G_i, from the rows themselves when few."""
