@@ -118,6 +118,9 @@ class LoraRuntime:
 
     Every LoRA is active until ``set_active``/``set_rows`` say otherwise. The model's
     weights are never written; ``remove()`` (or leaving the ``with`` block) removes the hooks.
+    attach=False builds everything but hooks nothing until ``attach()``/``attached()``: a
+    WebUI host keeps the hooks on only while its own code runs (one sampler step), so an
+    error or interrupt anywhere else cannot leave them behind.
     """
 
     def __init__(
@@ -126,6 +129,8 @@ class LoraRuntime:
         loras: list[LoraFile],
         weights: list[float] | None = None,
         component_weights: list[Mapping[str, float]] | None = None,
+        *,
+        attach: bool = True,
     ):
         weights = [1.0] * len(loras) if weights is None else list(weights)
         component_weights = [{}] * len(loras) if component_weights is None else list(component_weights)
@@ -163,10 +168,9 @@ class LoraRuntime:
 
         self._sites = {target: site for target, site in sites.items() if site.entries}
         self._plan = self._uniform_plan(range(len(loras)))
-        self._handles = [
-            site.module.register_forward_hook(partial(self._hook, site), with_kwargs=True)
-            for site in self._sites.values()
-        ]
+        self._handles = []
+        if attach:
+            self.attach()
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -215,11 +219,32 @@ class LoraRuntime:
         finally:
             self._plan = previous
 
-    def remove(self) -> None:
-        """Remove every hook and drop the cast factors; the model is as it was before."""
+    def attach(self) -> None:
+        """Hook the targeted layers (no-op when already hooked)."""
+        if not self._handles:
+            self._handles = [
+                site.module.register_forward_hook(partial(self._hook, site), with_kwargs=True)
+                for site in self._sites.values()
+            ]
+
+    def detach(self) -> None:
+        """Unhook every layer, keeping the cast factors for the next ``attach``."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    @contextmanager
+    def attached(self) -> Iterator["LoraRuntime"]:
+        """Hooks on for the duration of a block, then off again, also on errors."""
+        self.attach()
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def remove(self) -> None:
+        """Remove every hook and drop the cast factors; the model is as it was before."""
+        self.detach()
         for site in self._sites.values():
             for entry in site.entries.values():
                 entry.cache.clear()

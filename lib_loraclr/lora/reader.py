@@ -128,7 +128,7 @@ def _detect_format(keys: list[str]) -> str:
     return "diffusers"
 
 
-def _detect_arch(metadata: dict[str, str], modules: dict) -> str | None:
+def _arch_from_metadata(metadata: dict[str, str]) -> str | None:
     own = metadata.get("loraclr_arch")
     if own in ARCHITECTURES:
         return own
@@ -139,6 +139,13 @@ def _detect_arch(metadata: dict[str, str], modules: dict) -> str | None:
         return "sd2"
     if version.startswith("sd_v1"):
         return "sd1"
+    return None
+
+
+def _detect_arch(metadata: dict[str, str], modules: dict) -> str | None:
+    arch = _arch_from_metadata(metadata)
+    if arch is not None:
+        return arch
     if any(m.component == "text_encoder_2" for m in modules.values()):
         return "sdxl"
     for target, module in modules.items():
@@ -261,3 +268,23 @@ def describe(lora: LoraFile) -> dict:
         "has_text_encoder": any(m.component != "unet" for m in lora.modules.values()),
         "triggers": list(lora.triggers),
     }
+
+
+def peek_lora(path: str) -> dict:
+    """Architecture and trigger words from a .safetensors header, without reading the tensors.
+
+    For LoRA lists in the WebUI, which show dozens of files at once. arch is None when neither
+    the metadata nor the key names and the cross-attention input width tell.
+    """
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        arch = _arch_from_metadata(metadata)
+        if arch is None:
+            keys = list(handle.keys())
+            if any(k.startswith("lora_te2_") or "text_encoder_2" in k for k in keys):
+                arch = "sdxl"
+            else:
+                down = [k for k in keys if "attn2" in k and ("to_k" in k or "to_v" in k) and ("lora_down" in k or "lora_A" in k)]
+                if down:
+                    arch = CONTEXT_WIDTH_ARCH.get(handle.get_slice(down[0]).get_shape()[-1])
+    return {"arch": arch, "triggers": _triggers(path, metadata)}

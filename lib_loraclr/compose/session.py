@@ -1,0 +1,192 @@
+"""One WebUI generation with CLoRA: what the user asked for, and the state the hosts drive.
+
+``ComposeRequest`` is the one description of a composition that the txt2img script UI, the
+REST payload (``alwayson_scripts``) and the PNG infotext all convert to and from, so the
+three can never disagree. ``ComposeSession`` holds what stays fixed for one batch (LoRAs,
+plan, per-pass conditioning, the runtime); a host builds one engine per sampling run from
+it (the hires pass is a second run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..lora.base import LoraFile
+from ..lora.reader import read_lora
+from ..model import ModelAccess
+from ..runtime import LoraRuntime
+from .attention import cross_attention_modules
+from .concepts import LoraConcept, plan_concepts
+from .engine import ComposeEngine, encode_passes
+from .fusion import pass_lora_sets
+from .settings import ComposeSettings
+
+# The settings a WebUI user sets; guidance comes from the host's own CFG scale.
+USER_SETTINGS = (
+    "step_size", "temperature", "max_iter_to_alter", "refinement_iters", "mask_threshold",
+    "attention_res_divisor", "use_latent_update", "use_masks",
+)
+
+
+@dataclass(frozen=True)
+class ConceptRow:
+    """lora: the LoRA's name in the host's list; words: the subject as written in the prompt."""
+
+    lora: str
+    words: str
+    trigger: str = ""
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class ComposeRequest:
+    """A CLoRA composition as the user describes it.
+
+    style: an optional style LoRA name; style_on: "" for the whole image, else the words of
+    the subjects it is limited to, comma-separated.
+    """
+
+    concepts: tuple[ConceptRow, ...]
+    style: str = ""
+    style_weight: float = 1.0
+    style_on: str = ""
+    settings: ComposeSettings = field(default_factory=ComposeSettings)
+    show_masks: bool = False
+
+    def __post_init__(self):
+        concepts = tuple(c if isinstance(c, ConceptRow) else ConceptRow(**c) for c in self.concepts)
+        object.__setattr__(self, "concepts", concepts)
+        if not concepts:
+            raise ValueError("LoRACLR composition: add at least one row with a LoRA and its words in the prompt")
+        for row in concepts:
+            if not row.lora or not row.words.strip():
+                raise ValueError(f"LoRACLR composition: row {row.lora or '(no LoRA)'!r} needs both a LoRA and its words")
+        names = [row.lora for row in concepts] + ([self.style] if self.style else [])
+        if len(set(names)) != len(names):
+            raise ValueError("LoRACLR composition: each LoRA may appear only once (subjects and style)")
+
+    def to_dict(self) -> dict:
+        settings = {name: getattr(self.settings, name) for name in USER_SETTINGS}
+        return {
+            "concepts": [dataclasses.asdict(row) for row in self.concepts],
+            "style": self.style,
+            "style_weight": self.style_weight,
+            "style_on": self.style_on,
+            "settings": settings,
+            "show_masks": self.show_masks,
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> "ComposeRequest":
+        """From an API payload or infotext; unknown keys are an error, not ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"LoRACLR composition: unknown key(s) {unknown}; known: {sorted(known)}")
+        values = dict(values)
+        settings = dict(values.pop("settings", {}) or {})
+        bad = sorted(set(settings) - set(USER_SETTINGS))
+        if bad:
+            raise ValueError(f"LoRACLR composition: unknown setting(s) {bad}; known: {list(USER_SETTINGS)}")
+        rows = tuple(ConceptRow(**row) for row in values.pop("concepts", ()))
+        return cls(rows, settings=ComposeSettings.from_mapping(settings), **values)
+
+    def to_infotext(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_infotext(cls, text: str) -> "ComposeRequest":
+        return cls.from_dict(json.loads(text))
+
+    def style_groups(self) -> list[int] | None:
+        """Subject indices the style is limited to, or None for everywhere."""
+        if not self.style_on.strip():
+            return None
+        words = [w.strip().lower() for w in self.style_on.split(",") if w.strip()]
+        by_words = {row.words.strip().lower(): i for i, row in enumerate(self.concepts)}
+        missing = [w for w in words if w not in by_words]
+        if missing:
+            raise ValueError(f"LoRACLR composition: style limited to {missing}, which are not subjects' words")
+        return sorted(by_words[w] for w in words)
+
+
+def strip_lora_tags(prompt: str, names: Sequence[str]) -> str:
+    """Remove ``<lora:name...>`` (and ``<lyco:...>``) tags of these LoRAs from a prompt.
+
+    Why: the concept LoRAs run only inside CLoRA's passes; if the built-in Lora also saw their
+    tags it would apply them to the whole image on top.
+    """
+    if not names:
+        return prompt
+    alternatives = "|".join(re.escape(name) for name in names)
+    return re.sub(rf"<(?:lora|lyco):(?:{alternatives})(?::[^>]*)?>", "", prompt)
+
+
+class ComposeSession:
+    """The fixed part of one batch: LoRAs, plan, runtime (detached) and per-pass conditioning.
+
+    lora_paths: LoRA name -> file, from the host's LoRA list.
+    prompts / negative_prompts: the batch's rows; CLoRA's plan is per prompt, so all rows
+    must share one prompt (seeds may differ).
+    """
+
+    def __init__(
+        self,
+        model: ModelAccess,
+        request: ComposeRequest,
+        lora_paths: Mapping[str, str],
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str],
+        *,
+        read: Callable[[str], LoraFile] = read_lora,
+    ):
+        if len(set(prompts)) != 1 or len(set(negative_prompts)) != 1:
+            raise ValueError(
+                "LoRACLR composition needs the same prompt and negative prompt for every image of a batch "
+                "(wildcards or prompt matrices give different ones); use batch count instead of batch size"
+            )
+        names = [row.lora for row in request.concepts] + ([request.style] if request.style else [])
+        missing = [name for name in names if name not in lora_paths]
+        if missing:
+            raise FileNotFoundError(f"LoRACLR composition: LoRA(s) {missing} not found in the LoRA folder (refresh the list?)")
+        self.model = model
+        self.request = request
+        self.loras = [read(lora_paths[name]) for name in names]
+        for name, lora in zip(names, self.loras):
+            if lora.arch and lora.arch != model.arch:
+                raise ValueError(f"LoRACLR composition: {name} is an {lora.arch} LoRA but the loaded model is {model.arch}")
+        concepts = [LoraConcept(row.words.strip(), row.trigger.strip() or None) for row in request.concepts]
+        self.plan = plan_concepts(prompts[0], concepts, model.tokenizer)
+        style_groups = {len(concepts): request.style_groups()} if request.style else {}
+        self.lora_sets = pass_lora_sets(self.plan, style_groups)
+        weights = [row.weight for row in request.concepts] + ([request.style_weight] if request.style else [])
+        self.runtime = LoraRuntime(model.targets(), self.loras, weights, attach=False)
+        with self.runtime.attached():
+            self.conditioning = encode_passes(
+                model.encode, self.runtime, self.plan, self.lora_sets, negative_prompts[0], len(prompts)
+            )
+        self.names = [row.lora for row in request.concepts]
+        self.last_masks: torch.Tensor | None = None  # (P, B, 1, h, w) of the latest step
+
+    def engine(self, num_steps: int, guidance_scale: float, *, latent_updates: bool = True) -> ComposeEngine:
+        """An engine for one sampling run of ``num_steps`` with the host's CFG scale."""
+        settings = dataclasses.replace(
+            self.request.settings,
+            guidance_scale=guidance_scale,
+            use_latent_update=self.request.settings.use_latent_update and latent_updates,
+        )
+        return ComposeEngine(
+            self.plan, settings, self.runtime, self.lora_sets,
+            cross_attention_modules(self.model.unet), num_steps,
+            vae_scale_factor=self.model.vae_scale_factor,
+        )
+
+    def close(self) -> None:
+        """Drop the hooks (already off between steps) and the cast LoRA factors."""
+        self.runtime.remove()

@@ -1,0 +1,228 @@
+"""The host-neutral WebUI pieces on the tiny diffusers model: requests, sessions, the merge service.
+
+The WebUI hosts' own adapters are tested with the contract harness in ``tests/webui``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from lib_loraclr.compose.session import ComposeRequest, ComposeSession, ConceptRow, strip_lora_tags
+from lib_loraclr.compose.settings import ComposeSettings
+from lib_loraclr.lora.reader import peek_lora, read_lora
+from lib_loraclr.lora.writer import write_kohya_lora, write_sidecar
+from lib_loraclr.runtime import LoraRuntime
+from lib_loraclr.webui.host import WebUIHost, scan_lora_folder
+from lib_loraclr.webui.merge_service import MergeRequest, MergeService, report_path_for
+from lib_loraclr.webui.ui import MAX_CONCEPT_ROWS, merge_request_from_ui, request_from_args
+
+from test_compose_engine import attention_deltas
+
+QUICK_MERGE = {"capture_steps": 2, "capture_size": 64}
+
+
+class DiffusersHost(WebUIHost):
+    """A WebUI host over the tiny diffusers model: the merge service's contract, without a WebUI."""
+
+    name = "test"
+
+    def __init__(self, model, folder):
+        self._model = model
+        self.folder = str(folder)
+        self.refreshed = 0
+        self._lock = threading.Lock()
+
+    def model(self):
+        return self._model
+
+    def lora_dir(self):
+        return self.folder
+
+    def output_dir(self):
+        return self.folder
+
+    def lora_files(self):
+        return scan_lora_folder(self.folder)
+
+    def refresh_host_loras(self):
+        self.refreshed += 1
+
+    @property
+    def queue_lock(self):
+        return self._lock
+
+
+@pytest.fixture()
+def lora_folder(tiny_sd1, tmp_path):
+    for seed, name, trigger in ((1, "cat_lora", "sks cat"), (2, "dog_lora", "zqx dog")):
+        path = str(tmp_path / f"{name}.safetensors")
+        write_kohya_lora(path, attention_deltas(tiny_sd1, seed), "sd1", rank=4)
+        write_sidecar(path, trigger, arch="sd1")
+    return tmp_path
+
+
+def test_compose_request_round_trips_through_infotext_and_api_form():
+    request = ComposeRequest(
+        (ConceptRow("cat_lora", "cat", "sks", 0.8), ConceptRow("dog_lora", "dog")),
+        style="ink", style_on="cat", settings=ComposeSettings(step_size=10.0, use_masks=False), show_masks=True,
+    )
+    assert ComposeRequest.from_infotext(request.to_infotext()) == request
+    assert ComposeRequest.from_dict(json.loads(json.dumps(request.to_dict()))) == request
+    assert request.style_groups() == [0]
+    with pytest.raises(ValueError, match="unknown key"):
+        ComposeRequest.from_dict({**request.to_dict(), "colour": 1})
+    with pytest.raises(ValueError, match="unknown setting"):
+        ComposeRequest.from_dict({**request.to_dict(), "settings": {"guidance_scale": 3}})
+    with pytest.raises(ValueError, match="only once"):
+        ComposeRequest((ConceptRow("a", "cat"), ConceptRow("a", "dog")))
+    with pytest.raises(ValueError, match="needs both"):
+        ComposeRequest((ConceptRow("a", " "),))
+    with pytest.raises(ValueError, match="not subjects"):
+        ComposeRequest((ConceptRow("a", "cat"),), style="s", style_on="horse").style_groups()
+
+
+def test_script_arguments_from_the_ui_and_from_the_api():
+    defaults = ComposeSettings()
+    rows = ["cat_lora", "cat", "sks", 0.5, "dog_lora", "dog", "", 1.0] + ["", "", "", 1.0] * (MAX_CONCEPT_ROWS - 2)
+    settings = [defaults.step_size, defaults.temperature, 12, 3, 0.4, 16, True, False]
+    args = [True, *rows, "", "", 1.0, *settings, True]
+    request = request_from_args(args)
+    assert [r.lora for r in request.concepts] == ["cat_lora", "dog_lora"]
+    assert request.concepts[0] == ConceptRow("cat_lora", "cat", "sks", 0.5)
+    assert request.settings.max_iter_to_alter == 12 and request.settings.attention_res_divisor == 16
+    assert request.settings.use_masks is False and request.show_masks is True
+    assert request_from_args([False, *args[1:]]) is None
+    api = request_from_args([{"enabled": True, **request.to_dict()}])
+    assert api == request
+    assert request_from_args([{"enabled": False}]) is None
+    assert request_from_args([]) is None
+
+
+def test_lora_tags_of_the_concepts_are_stripped_and_others_kept():
+    prompt = "a <lora:cat_lora:0.8> cat and a dog <lora:dog_lora> <lora:style:1> <lora:cat_lora_v2:1>"
+    assert strip_lora_tags(prompt, ["cat_lora", "dog_lora"]) == "a  cat and a dog  <lora:style:1> <lora:cat_lora_v2:1>"
+    assert strip_lora_tags(prompt, []) == prompt
+
+
+def test_peek_reads_arch_and_triggers_from_the_header(lora_folder):
+    for path in scan_lora_folder(str(lora_folder)).values():
+        peeked, full = peek_lora(path), read_lora(path)
+        assert peeked["arch"] == full.arch == "sd1"
+        assert peeked["triggers"] == full.triggers
+
+
+def test_runtime_hooks_only_while_attached(tiny_sd1, lora_folder):
+    lora = read_lora(str(lora_folder / "cat_lora.safetensors"))
+    runtime = LoraRuntime(tiny_sd1.targets(), [lora], attach=False)
+    hooked = [tiny_sd1.targets()[t] for t in runtime.targets]
+    assert not any(m._forward_hooks for m in hooked)
+    with runtime.attached():
+        assert all(m._forward_hooks for m in hooked)
+    assert not any(m._forward_hooks for m in hooked)
+    with pytest.raises(RuntimeError), runtime.attached():
+        raise RuntimeError("generation failed")
+    assert not any(m._forward_hooks for m in hooked)
+
+
+def test_session_encodes_per_pass_and_leaves_no_hooks(tiny_sd1, lora_folder):
+    files = scan_lora_folder(str(lora_folder))
+    request = ComposeRequest((ConceptRow("cat_lora", "cat", "sks"), ConceptRow("dog_lora", "dog", "zqx")),
+                             settings=ComposeSettings(attention_res_divisor=16, refinement_iters=1))
+    session = ComposeSession(tiny_sd1, request, files, ["a cat and a dog"] * 2, ["ugly"] * 2)
+    assert session.conditioning.num_passes == 3 and session.conditioning.batch_size == 2
+    assert not any(m._forward_hooks for m in tiny_sd1.targets().values())
+    engine = session.engine(10, 7.0)
+    assert engine.settings.guidance_scale == 7.0
+    assert session.engine(10, 7.0, latent_updates=False).updates_at(0) == 0
+    latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with session.runtime.attached():
+        result = engine.step(0, latent, torch.tensor(500), session.conditioning, tiny_sd1.unet_eps)
+    assert result.prediction.shape == latent.shape and torch.isfinite(result.prediction).all()
+    assert not any(m._forward_hooks for m in tiny_sd1.targets().values())
+    session.close()
+
+    with pytest.raises(ValueError, match="same prompt"):
+        ComposeSession(tiny_sd1, request, files, ["a cat and a dog", "a dog and a cat"], ["", ""])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ComposeSession(tiny_sd1, ComposeRequest((ConceptRow("horse_lora", "cat"),)), files, ["a cat"], [""])
+    with pytest.raises(ValueError, match="not found in prompt"):
+        ComposeSession(tiny_sd1, request, files, ["a cat and a bird"], [""])
+
+
+def _wait(service, job_id, timeout=300):
+    status = service.jobs.wait(job_id, timeout)
+    assert status.state != "running", "merge did not finish in time"
+    return status
+
+
+def test_merge_service_writes_lora_sidecar_and_report_and_refreshes(tiny_sd1, lora_folder):
+    host = DiffusersHost(tiny_sd1, lora_folder)
+    service = MergeService(host)
+    request = MergeRequest(["cat_lora", "dog_lora"], ["sks cat", "zqx dog"], "merged",
+                           settings={"method": "sum", **QUICK_MERGE})
+    status = _wait(service, service.start(request))
+    assert status.state == "done", status.error
+    out = str(lora_folder / "merged.safetensors")
+    assert status.result["output"] == out and status.result["name"] == "merged"
+    assert os.path.isfile(out) and os.path.isfile(str(lora_folder / "merged.json"))
+    report = json.load(open(report_path_for(out)))
+    assert set(report["quality"]) == {"sum"}
+    assert host.refreshed == 1
+    assert "merged" in host.lora_files()
+    assert read_lora(out).arch == "sd1"
+
+
+def test_merge_service_refuses_bad_input_and_writes_nothing(tiny_sd1, lora_folder):
+    service = MergeService(DiffusersHost(tiny_sd1, lora_folder))
+    before = sorted(os.listdir(lora_folder))
+    bad = [
+        (MergeRequest(["cat_lora"], ["sks"], "one"), "at least two"),
+        (MergeRequest(["cat_lora", "dog_lora"], ["sks", "zqx"], "../escape"), "invalid output file name"),
+        (MergeRequest(["cat_lora", "dog_lora"], ["sks", "zqx"], "sub/dir"), "invalid output file name"),
+        (MergeRequest(["cat_lora", "dog_lora"], ["sks", "zqx"], "cat_lora"), "already exists"),
+        (MergeRequest(["cat_lora", "horse_lora"], ["sks", "zqx"], "x"), "horse_lora"),
+        (MergeRequest(["cat_lora", "dog_lora"], ["sks", "sks"], "x"), "own trigger"),
+        (MergeRequest(["cat_lora", "dog_lora"], ["sks", "zqx"], "x", settings={"method": "magic"}), "method"),
+        (MergeRequest(["cat_lora", "dog_lora"], ["sks", "zqx"], "x", settings={"speed": 1}), "unknown merge setting"),
+    ]
+    for request, message in bad:
+        with pytest.raises((ValueError, OSError, KeyError), match=message):
+            service.start(request)
+    with pytest.raises(ValueError, match="unknown merge request key"):
+        MergeRequest.from_dict({"loras": [], "triggers": [], "output": "x", "color": 1})
+    assert sorted(os.listdir(lora_folder)) == before
+    assert not service.jobs.jobs
+
+
+def test_merge_waits_for_the_queue_lock_and_cancel_writes_nothing(tiny_sd1, lora_folder):
+    host = DiffusersHost(tiny_sd1, lora_folder)
+    service = MergeService(host)
+    request = MergeRequest(["cat_lora", "dog_lora"], ["sks cat", "zqx dog"], "waiting", settings=QUICK_MERGE)
+    with host.queue_lock:  # a generation is running
+        job_id = service.start(request)
+        time.sleep(0.3)
+        status = service.status(job_id)
+        assert status.state == "running" and status.stage == "queued"
+        assert "waiting for the model to be free" in status.log
+        service.cancel(job_id)
+    status = _wait(service, job_id)
+    assert status.state == "cancelled"
+    assert not os.path.exists(lora_folder / "waiting.safetensors")
+    assert not os.path.exists(report_path_for(str(lora_folder / "waiting.safetensors")))
+
+
+def test_tab_values_become_a_merge_request():
+    advanced = {"margin": 0.7, "solver": "reference", "iters": 5.0, "capture_size": 0, "clamp_quantile": 0, "seed": 3.0}
+    request = merge_request_from_ui(
+        [["cat_lora", "sks", 1], ["dog_lora", "zqx", ""], ["", "", ""]], "lsq", "out", 0, True, advanced
+    )
+    assert request.loras == ["cat_lora", "dog_lora"] and request.weights == [1.0, 1.0]
+    settings = request.merge_settings()
+    assert settings.method == "lsq" and settings.rank is None and settings.capture_size is None
+    assert settings.clamp_quantile is None and settings.iters == 5 and settings.margin == 0.7 and request.overwrite

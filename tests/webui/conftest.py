@@ -1,0 +1,33 @@
+"""Fixtures for tests that run our extension inside the A1111 v1.10.1 stand-in (tests/webui_harness).
+
+``a1111`` (function scope) yields a started ``webui_harness.host.A1111Host``: harness on
+sys.path (``import modules.shared``, ``import networks`` work), built-in Lora stand-in loaded
+(Linear/Conv2d forward patched), tiny SD1 model in ``shared.sd_model`` with the class-level
+sdp CrossAttention.forward. Teardown undoes the patches and removes ``modules``, ``networks``,
+``k_diffusion``, ``ldm``... from sys.modules. Runs in the project venv and in an A1111-pinned
+env (gradio 3.41.2, transformers 4.30.2); UI tests skip without gradio.
+"""
+import os
+import sys
+
+import pytest
+
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _path in (_TESTS, os.path.dirname(_TESTS)):  # webui_harness / lora_fixtures, and lib_loraclr
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from webui_harness.host import A1111Host, gradio_available  # noqa: E402
+
+
+@pytest.fixture
+def a1111(tmp_path):
+    host = A1111Host(str(tmp_path / "webui"))
+    host.start()
+    try:
+        yield host
+    finally:
+        host.stop()
+
+
+requires_gradio = pytest.mark.skipif(not gradio_available(), reason="gradio is not installed")

@@ -1,0 +1,248 @@
+"""Our extension inside the A1111 v1.10.1 stand-in: the composition script, the merge, the UI and API.
+
+Runs in the project venv and in the A1111-pinned env (gradio 3.41.2, transformers 4.30.2, no
+diffusers); the UI and REST tests need gradio and run in the pinned env (see .ci/run).
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import requires_gradio
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TITLE = "LoRACLR composition"
+PROMPT = "a cat and a dog"
+# 4x4 attention maps at 64 px on the tiny model, one refinement iteration: fast
+SETTINGS = {"attention_res_divisor": 16, "refinement_iters": 1}
+
+
+def pixels(processed, index=0):
+    return np.asarray(processed.images[index])
+
+
+def attention_deltas(model, seed, rank=4):
+    generator = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for target, module in model.targets().items():
+        if any(part in target for part in (".attn1.", ".attn2.", ".self_attn.")) and isinstance(module, torch.nn.Linear):
+            out_features, in_features = module.weight.shape
+            delta = torch.randn(out_features, rank, generator=generator) @ torch.randn(rank, in_features, generator=generator)
+            deltas[target] = delta * (0.5 * module.weight.detach().norm() / delta.norm())
+    return deltas
+
+
+@pytest.fixture
+def host(a1111):
+    """The stand-in with our extension loaded and two concept LoRAs in its Lora folder."""
+    from lib_loraclr.hosts.a1111 import A1111Model
+    from lib_loraclr.lora.writer import write_kohya_lora, write_sidecar
+
+    model = A1111Model(a1111.sd_model)
+    for seed, name, trigger in ((1, "cat_lora", "sks cat"), (2, "dog_lora", "zqx dog")):
+        path = os.path.join(a1111.lora_dir, f"{name}.safetensors")
+        write_kohya_lora(path, attention_deltas(model, seed), "sd1", rank=4)
+        write_sidecar(path, trigger, arch="sd1")
+    a1111.refresh_loras()
+    a1111.load_scripts(ROOT)
+    return a1111
+
+
+def compose_args(host, **overrides):
+    request = {
+        "enabled": True,
+        "concepts": [{"lora": "cat_lora", "words": "cat", "trigger": "sks"}, {"lora": "dog_lora", "words": "dog", "trigger": "zqx"}],
+        "settings": dict(SETTINGS),
+    }
+    request.update(overrides)
+    script = host.find_script(TITLE)
+    if script.args_to is not None and script.args_to - script.args_from > 1:
+        # UI built: like the API, the dict replaces the first argument, the rest stay UI defaults
+        args = host.script_args()
+        args[script.args_from] = request
+        return args
+    return host.script_args({TITLE: [request]})
+
+
+def model_hooks(host):
+    """(module, forward hooks, pre-hooks, instance forward) of every module that has any.
+
+    Compared before and after: transformers registers hooks of its own on the text encoder.
+    """
+    found = []
+    for name, module in host.sd_model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
+            found.append((name, tuple(module._forward_hooks.values()), tuple(module._forward_pre_hooks.values()),
+                          module.__dict__.get("forward")))
+    return found
+
+
+def test_enable_off_is_bit_identical_to_no_extension(a1111):
+    hooks = model_hooks(a1111)
+    baseline = a1111.txt2img(PROMPT, "ugly", seed=7, steps=3)
+    a1111.load_scripts(ROOT)
+    assert a1111.find_script(TITLE) is not None
+    off = a1111.txt2img(PROMPT, "ugly", seed=7, steps=3, script_args=a1111.script_args({TITLE: [{"enabled": False}]}))
+    assert np.array_equal(pixels(baseline), pixels(off))
+    assert "LoRACLR" not in off.info
+    assert model_hooks(a1111) == hooks
+    assert a1111.errors() == []
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DDIM"])
+def test_composition_runs_and_leaves_nothing_behind(host, sampler):
+    cross_attention_forward = type(host.unet.input_blocks[1][1].transformer_blocks[0].attn2).forward
+    hooks = model_hooks(host)
+    plain = host.txt2img(PROMPT, "ugly", seed=3, sampler_name=sampler, steps=3)
+    composed = host.txt2img(PROMPT, "ugly", seed=3, sampler_name=sampler, steps=3, script_args=compose_args(host))
+    assert host.errors() == []
+    assert not np.array_equal(pixels(plain), pixels(composed))
+    info = composed.info
+    assert "LoRACLR: " in info
+    assert model_hooks(host) == hooks
+    assert type(host.unet.input_blocks[1][1].transformer_blocks[0].attn2).forward is cross_attention_forward
+    again = host.txt2img(PROMPT, "ugly", seed=3, sampler_name=sampler, steps=3)
+    assert np.array_equal(pixels(plain), pixels(again))
+
+
+def test_latent_update_reaches_the_sampler(host):
+    """With the update on, the sampler carries the updated latent: the image changes."""
+    with_update = host.txt2img(PROMPT, seed=4, steps=3, script_args=compose_args(host))
+    without = host.txt2img(PROMPT, seed=4, steps=3, script_args=compose_args(
+        host, settings={**SETTINGS, "use_latent_update": False}))
+    assert host.errors() == []
+    assert not np.array_equal(pixels(with_update), pixels(without))
+
+
+def test_concept_lora_tags_are_not_applied_by_the_builtin_lora(host):
+    import networks
+
+    plain = host.txt2img(PROMPT, seed=5, steps=2, script_args=compose_args(host))
+    tagged = host.txt2img(PROMPT + " <lora:cat_lora:1> <lora:dog_lora:0.5>", seed=5, steps=2, script_args=compose_args(host))
+    assert host.errors() == []
+    assert networks.loaded_networks == []
+    assert np.array_equal(pixels(plain), pixels(tagged))
+
+
+def test_show_masks_adds_overlays_and_batches_work(host):
+    processed = host.txt2img(PROMPT, seed=6, steps=2, batch_size=2, n_iter=2,
+                             script_args=compose_args(host, show_masks=True))
+    assert host.errors() == []
+    images = [image for image in processed.images]
+    # 4 generated images, 4 mask overlays after them
+    assert len(images) >= 8
+    assert len(processed.infotexts) == len(processed.images)
+
+
+def test_bad_requests_fail_the_generation_with_a_clear_error_and_leave_no_hooks(host):
+    hooks = model_hooks(host)
+    host.txt2img("a cat and a bird", seed=1, steps=2, script_args=compose_args(host))
+    errors = " ".join(str(e) for e in host.errors())
+    assert "not found in prompt" in errors
+    assert model_hooks(host) == hooks
+
+
+def test_failing_step_leaves_no_hooks(host, monkeypatch):
+    from lib_loraclr.compose.engine import ComposeEngine
+
+    calls = []
+
+    def failing_step(self, *args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(ComposeEngine, "step", failing_step)
+    hooks = model_hooks(host)
+    baseline = host.txt2img(PROMPT, seed=2, steps=2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        host.run(host.make_txt2img(PROMPT, seed=2, steps=2, script_args=compose_args(host)))
+    assert calls and model_hooks(host) == hooks
+    after = host.txt2img(PROMPT, seed=2, steps=2)
+    assert np.array_equal(pixels(baseline), pixels(after))
+
+
+def test_unsupported_sampler_is_refused():
+    from lib_loraclr.hosts.a1111 import ComposeDenoiser
+
+    class Sampler:
+        funcname = "sample_heun"
+        model_wrap_cfg = None
+
+    with pytest.raises(ValueError, match="does not support the sampler"):
+        ComposeDenoiser(Sampler(), None, None, None)
+
+
+def test_merge_reads_the_checkpoint_weights_and_refreshes_the_lora_list(host):
+    import networks
+    from lib_loraclr.hosts.a1111 import A1111Host
+    from lib_loraclr.webui.merge_service import MergeRequest, MergeService
+
+    to_k = host.module_by_layer_name("diffusion_model_input_blocks_1_1_transformer_blocks_0_attn2_to_k")
+    w0 = to_k.weight.detach().clone()
+    host.txt2img("a cat <lora:cat_lora:1>", seed=1, steps=1)  # the built-in Lora merges it in place
+    assert not torch.equal(to_k.weight, w0)
+
+    service = MergeService(A1111Host())
+    job = service.start(MergeRequest(["cat_lora", "dog_lora"], ["sks cat", "zqx dog"], "merged",
+                                     settings={"capture_steps": 2, "capture_size": 64}))
+    status = service.jobs.wait(job, 300)
+    assert status.state == "done", status.error
+    assert torch.equal(to_k.weight, w0), "the merge must run on the checkpoint's own weights"
+    assert "merged" in networks.available_networks
+    assert os.path.isfile(os.path.join(host.lora_dir, "merged.safetensors"))
+    merged = host.txt2img("a cat <lora:merged:1>", seed=1, steps=1)
+    plain = host.txt2img("a cat", seed=1, steps=1)
+    assert not np.array_equal(pixels(merged), pixels(plain))
+    assert host.errors() == []
+
+
+@requires_gradio
+def test_ui_builds_and_infotext_round_trips(host):
+    from modules import infotext_utils
+
+    demo, tabs = host.build_ui()
+    assert [title for _, title, _ in tabs] == ["LoRACLR Merge"]
+    script = host.find_script(TITLE)
+    composed = host.txt2img(PROMPT, seed=3, steps=2, script_args=compose_args(host, show_masks=True))
+    params = infotext_utils.parse_generation_parameters(composed.infotexts[0])
+    restored = [key(params) for _, key in script.infotext_fields]
+    assert restored[0] is True
+    assert restored[1:5] == ["cat_lora", "cat", "sks", 1.0]
+    assert restored[5:9] == ["dog_lora", "dog", "zqx", 1.0]
+    assert restored[-1] is True  # show masks
+    from lib_loraclr.webui.ui import request_from_args
+    sent = request_from_args([compose_args(host, show_masks=True)[script.args_from]])
+    assert request_from_args(restored) == sent
+
+
+@requires_gradio
+def test_rest_merge_poll_cancel_and_bad_names(host):
+    from fastapi.testclient import TestClient
+
+    demo, _ = host.build_ui()
+    client = TestClient(host.app_started(demo))
+    names = [row["name"] for row in client.get("/loraclr/v1/loras").json()]
+    assert {"cat_lora", "dog_lora"} <= set(names)
+    for bad in ("../up", "a/b", "cat_lora"):
+        response = client.post("/loraclr/v1/merge", json={"loras": ["cat_lora", "dog_lora"], "triggers": ["sks", "zqx"], "output": bad})
+        assert response.status_code == 400, bad
+    assert client.get("/loraclr/v1/merge/99").status_code == 404
+    started = client.post("/loraclr/v1/merge", json={
+        "loras": ["cat_lora", "dog_lora"], "triggers": ["sks cat", "zqx dog"], "output": "api_merge",
+        "settings": {"capture_steps": 2, "capture_size": 64, "method": "sum"},
+    })
+    assert started.status_code == 200, started.text
+    job = started.json()["job"]
+    for _ in range(600):
+        status = client.get(f"/loraclr/v1/merge/{job}").json()
+        if status["state"] != "running":
+            break
+        time.sleep(0.2)
+    assert status["state"] == "done", status
+    assert os.path.isfile(os.path.join(host.lora_dir, "api_merge.safetensors"))
+    assert client.post(f"/loraclr/v1/merge/{job}/cancel").status_code == 200
+    assert "api_merge" in [x["name"] for x in client.get("/sdapi/v1/loras").json()]
