@@ -8,12 +8,17 @@ sampler, again for hires) -> ``post_sample`` (take it out) -> ``postprocess_imag
 ``postprocess`` (mask overlays). Nothing stays installed between generations: the LoRA hooks
 are on only inside each sampler step, the sampler hook dies with its sampler and is removed
 in ``post_sample`` too.
+
+Errors: the WebUIs report and swallow exceptions raised in script hooks, which would let the
+generation go on without the composition the user asked for. So a failure is kept and
+raised from the sampler's first step instead, which stops the generation with our message.
 """
 
 import modules.scripts as scripts
 
 from lib_loraclr.compose.overlay import mask_overlay
 from lib_loraclr.compose.session import ComposeSession, strip_lora_tags
+from lib_loraclr.webui.denoiser import FailingDenoiser
 from lib_loraclr.webui.host import current_host
 from lib_loraclr.webui.ui import INFOTEXT_KEY, build_compose_ui, request_from_args
 
@@ -25,6 +30,7 @@ class LoraclrCompose(scripts.Script):
         self.request = None
         self.session = None
         self.installed = None
+        self.error = None
         self.overlays = []
 
     def title(self):
@@ -40,11 +46,15 @@ class LoraclrCompose(scripts.Script):
 
     def process(self, p, *args):
         self._release()
-        self.request = request_from_args(args)
-        if self.request is None:
-            return
-        p.extra_generation_params[INFOTEXT_KEY] = self.request.to_infotext()
+        self.error = None
         self.overlays = []
+        try:
+            self.request = request_from_args(args)
+        except Exception as error:
+            self.request, self.error = None, error
+            return
+        if self.request is not None:
+            p.extra_generation_params[INFOTEXT_KEY] = self.request.to_infotext()
 
     def before_process_batch(self, p, *args, **kwargs):
         if self.request is None:
@@ -56,18 +66,25 @@ class LoraclrCompose(scripts.Script):
             p.all_hr_prompts = [strip_lora_tags(prompt, names) for prompt in hr_prompts]
 
     def process_batch(self, p, *args, **kwargs):
-        if self.request is None:
+        if self.request is None or self.error is not None:
             return
         self._release()
-        model = self.host.model()
-        model.image_size = (p.height, p.width)
-        self.session = ComposeSession(model, self.request, self.host.lora_files(), p.prompts, p.negative_prompts)
+        try:
+            model = self.host.model()
+            model.image_size = (p.height, p.width)
+            self.session = ComposeSession(model, self.request, self.host.lora_files(), p.prompts, p.negative_prompts)
+        except Exception as error:
+            self.error = error
 
     def process_before_every_sampling(self, p, *args, **kwargs):
-        if self.session is None:
-            return
         self._uninstall()
-        self.installed = self.host.install_compose(p, self.session)
+        if self.error is None and self.session is not None:
+            try:
+                self.installed = self.host.install_compose(p, self.session)
+            except Exception as error:
+                self.error = error
+        if self.error is not None:
+            self.installed = FailingDenoiser(p.sampler, self.error)
 
     def post_sample(self, p, ps, *args):
         self._uninstall()

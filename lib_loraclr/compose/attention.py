@@ -44,7 +44,8 @@ def attention_probs(module: nn.Module, hidden: torch.Tensor, context: torch.Tens
     heads = module.heads
     query = module.to_q(hidden).unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, h, N, d)
     key = module.to_k(context).unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, h, T, d)
-    scores = at_least_float32(query) @ at_least_float32(key).transpose(-1, -2) * module.scale  # (B, h, N, T)
+    scale = getattr(module, "scale", None) or query.shape[-1] ** -0.5  # Forge's CrossAttention has no .scale
+    scores = at_least_float32(query) @ at_least_float32(key).transpose(-1, -2) * scale  # (B, h, N, T)
     return scores.softmax(dim=-1).mean(dim=1)
 
 

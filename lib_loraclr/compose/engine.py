@@ -21,7 +21,7 @@ Two modes with the same math:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -134,6 +134,8 @@ class ComposeEngine:
     num_steps: the sampled step count (the step-indexed settings are rescaled to it).
     vae_scale_factor: image pixels per latent pixel, to find the attention resolution.
     mode: "fast" or "authors" (see the module docstring).
+    grad_context: entered around each loss pass's forward and backward; hosts whose weights
+        are inference tensors (Forge) pass ``frozen_grad.GradThroughFrozen``.
     """
 
     def __init__(
@@ -147,6 +149,7 @@ class ComposeEngine:
         *,
         vae_scale_factor: int = 8,
         mode: str = "fast",
+        grad_context: Callable[[], AbstractContextManager] = nullcontext,
     ):
         if mode not in MODES:
             raise ValueError(f"unknown compose mode {mode!r}; expected one of {MODES}")
@@ -161,6 +164,7 @@ class ComposeEngine:
         self.attention_modules = list(attention_modules)
         self.vae_scale_factor = vae_scale_factor
         self.mode = mode
+        self.grad_context = grad_context
         self.alter_until = settings.alter_until(num_steps)
         self.refinement_steps = set(settings.refinement_steps_for(num_steps))
         self._layer_counts: dict[int, int] = {}  # query count -> matching layers in a full run
@@ -205,7 +209,7 @@ class ComposeEngine:
         """(B,) contrastive loss at ``latent`` and its gradient (B, C, h, w) w.r.t. the latent."""
         self._check(latent, conditioning)
         # Hosts may sample under inference_mode (Forge) or no_grad (A1111).
-        with torch.inference_mode(False), torch.enable_grad(), _flush_denormals(latent.device):
+        with torch.inference_mode(False), torch.enable_grad(), _flush_denormals(latent.device), self.grad_context():
             latent_leaf = latent.detach().clone().requires_grad_(True)
             probs = self._loss_maps(latent_leaf, timestep, conditioning, run_unet)  # (P, B, N, T)
             maps, labels = gather_token_maps(probs, self.plan)

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -174,8 +175,10 @@ class ComposeSession:
         self.names = [row.lora for row in request.concepts]
         self.last_masks: torch.Tensor | None = None  # (P, B, 1, h, w) of the latest step
 
-    def engine(self, num_steps: int, guidance_scale: float, *, latent_updates: bool = True) -> ComposeEngine:
-        """An engine for one sampling run of ``num_steps`` with the host's CFG scale."""
+    def engine(
+        self, num_steps: int, guidance_scale: float, *, latent_updates: bool = True, grad_context=nullcontext
+    ) -> ComposeEngine:
+        """An engine for one sampling run of ``num_steps`` with the host's CFG scale (see ``ComposeEngine``)."""
         settings = dataclasses.replace(
             self.request.settings,
             guidance_scale=guidance_scale,
@@ -184,7 +187,7 @@ class ComposeSession:
         return ComposeEngine(
             self.plan, settings, self.runtime, self.lora_sets,
             cross_attention_modules(self.model.unet), num_steps,
-            vae_scale_factor=self.model.vae_scale_factor,
+            vae_scale_factor=self.model.vae_scale_factor, grad_context=grad_context,
         )
 
     def close(self) -> None:

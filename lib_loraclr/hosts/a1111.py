@@ -23,7 +23,8 @@ from torch import nn
 
 from ..lora.keys import ldm_to_diffusers_unet
 from ..model import Conditioning, ModelAccess
-from ..webui.host import WebUIHost, scan_lora_folder
+from ..webui.denoiser import ComposeDenoiser, StepInput, kdiffusion_scale
+from ..webui.host import WebUIHost
 
 _OPEN_CLIP_LAYERS = {"mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2", "attn.out_proj": "self_attn.out_proj"}
 _OPEN_CLIP_PATH = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
@@ -165,130 +166,39 @@ def unmerge_builtin_loras(root: nn.Module) -> int:
     return restored
 
 
-# Sampler functions that evaluate the model once per step on the latent they carry forward:
-# there a latent update written into the sampler's ``x`` is the update CLoRA makes. Second-
-# order and adaptive samplers evaluate at temporary points, where an update would be lost.
-ONE_EVALUATION_PER_STEP = frozenset({
-    "sample_euler", "sample_euler_ancestral", "sample_lms", "sample_dpmpp_2m",
-    "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "ddim",
-})
-
-
-class ComposeDenoiser:
-    """CLoRA in place of one A1111 sampler's CFG denoiser, for one sampling run.
-
-    The sampler calls ``model_wrap_cfg(x, sigma, uncond, cond, cond_scale, s_min_uncond,
-    image_cond)`` once per step with the latent it carries; this replaces that call with the
-    engine's step: the latent update is written back into ``x`` in place (so the sampler
-    continues from the updated latent), and the fused, guided prediction is returned in the
-    sampler's own terms (x0 for k-diffusion, noise for DDIM). The engine sees the UNet input
-    ``z = x / sqrt(sigma^2 + 1)`` for k-diffusion, as CLoRA's reference updates diffusers' z.
-    The LoRA hooks are on only during each call. A1111's prompt conditioning (``cond``,
-    ``uncond``) is replaced by the session's per-pass conditioning.
-    """
+class A1111ComposeDenoiser(ComposeDenoiser):
+    """A1111's samplers: k-diffusion ones get x0 from ``inner_model`` (CompVisDenoiser), DDIM gets noise."""
 
     def __init__(self, sampler, model: A1111Model, session, engine):
-        funcname = getattr(sampler, "funcname", None)
-        funcname = funcname if isinstance(funcname, str) else getattr(funcname, "__name__", "")
-        if funcname not in ONE_EVALUATION_PER_STEP:
-            label = getattr(getattr(sampler, "config", None), "name", funcname)
-            raise ValueError(
-                f"LoRACLR composition does not support the sampler {label!r}: it needs one model "
-                "evaluation per step (Euler, Euler a, LMS, DPM++ 2M, DPM++ 2M SDE, DPM++ 3M SDE, DDIM)"
-            )
-        self.sampler = sampler
-        self.denoiser = sampler.model_wrap_cfg
-        self.kdiffusion = funcname.startswith("sample_")  # k-diffusion: x0 out; DDIM: noise out
+        super().__init__(sampler, session, engine)
         self.model = model
-        self.session = session
-        self.engine = engine
 
-    def install(self) -> None:
-        self.denoiser.forward = self.forward
+    def step_input(self, x, sigma):
+        scale = kdiffusion_scale(sigma, x.dtype) if self.kdiffusion else torch.ones_like(x[:, :1, :1, :1])
+        return StepInput(x * scale, scale, sigma)
 
-    def remove(self) -> None:
-        self.denoiser.__dict__.pop("forward", None)
+    def unet(self, latent_rows, scale_rows, sigma_rows, cond_rows, image_cond, repeats):
+        image_rows = image_cond.repeat(repeats, *[1] * (image_cond.dim() - 1))
+        return self.denoiser.inner_model(
+            latent_rows / scale_rows, sigma_rows, cond=self.model.condition_dict(cond_rows, image_rows)
+        )
 
-    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
-        from modules import sd_samplers_common, shared
-
-        if shared.state.interrupted or shared.state.skipped:
-            raise sd_samplers_common.InterruptedException
-        batch = x.shape[0]
-        scale = ((sigma.float() ** 2 + 1) ** -0.5).view(-1, 1, 1, 1) if self.kdiffusion else torch.ones_like(sigma).view(-1, 1, 1, 1)
-        scale = scale.to(x.dtype)
-
-        def run_unet(latent_rows, timestep, cond_rows):
-            repeats = latent_rows.shape[0] // batch
-            return self.denoiser.inner_model(
-                latent_rows / scale.repeat(repeats, 1, 1, 1),
-                sigma.repeat(repeats),
-                cond=self.model.condition_dict(cond_rows, image_cond.repeat(repeats, *[1] * (image_cond.dim() - 1))),
-            )
-
-        with self.session.runtime.attached():
-            result = self.engine.step(self.denoiser.step, x * scale, sigma, self.session.conditioning, run_unet)
-        x.copy_((result.latent / scale).to(x.dtype))
-        prediction = result.prediction.to(x.dtype)
-        self.session.last_masks = result.masks.detach().cpu()
-        self.sampler.last_latent = prediction if self.kdiffusion else self._x0_from_eps(x, sigma, prediction)
-        sd_samplers_common.store_latent(self.sampler.last_latent)
-        self.denoiser.step += 1
-        return prediction
-
-    def _x0_from_eps(self, latent, timestep, eps):
-        alphas = self.model.sd_model.alphas_cumprod.to(latent.device)[timestep.long()].view(-1, 1, 1, 1)
-        return (latent - (1 - alphas).sqrt() * eps) / alphas.sqrt()
+    def sampler_output(self, latent, step_input, prediction):
+        if self.kdiffusion:
+            return prediction, prediction
+        alphas = self.model.sd_model.alphas_cumprod.to(latent.device)[step_input.unet_sigma.long()].view(-1, 1, 1, 1)
+        return prediction, (latent - (1 - alphas).sqrt() * prediction) / alphas.sqrt()
 
 
 class A1111Host(WebUIHost):
     """AUTOMATIC1111 1.10: ``shared.sd_model``, the built-in Lora's list and the queue lock."""
 
     name = "AUTOMATIC1111"
-
-    def model(self) -> A1111Model:
-        from modules import shared
-
-        if shared.sd_model is None:
-            raise RuntimeError("no checkpoint is loaded; load one in the WebUI first")
-        return A1111Model(shared.sd_model)
-
-    def lora_dir(self) -> str:
-        return self.command_option("lora_dir")
-
-    def lora_files(self) -> dict[str, str]:
-        networks = sys.modules.get("networks")
-        if networks is not None and networks.available_networks:
-            return {name: entry.filename for name, entry in sorted(networks.available_networks.items())}
-        return scan_lora_folder(self.lora_dir())
-
-    def refresh_host_loras(self) -> None:
-        networks = sys.modules.get("networks")
-        if networks is not None:
-            networks.list_available_networks()
-
-    @property
-    def queue_lock(self):
-        from modules.call_queue import queue_lock
-
-        return queue_lock
+    model_class = A1111Model
+    compose_denoiser = A1111ComposeDenoiser
 
     @contextlib.contextmanager
-    def base_weights(self):
-        from modules import shared
-
-        unmerge_builtin_loras(shared.sd_model)
-        yield
-
-    def install_compose(self, p, session) -> ComposeDenoiser:
-        """Run ``session`` in place of p's current sampler's CFG denoiser; returns it (``remove()``).
-
-        The hires pass (a second sampling with a new sampler) fuses the passes but does not
-        update the latent: CLoRA's updates belong to the first, layout-forming steps.
-        """
-        hires = bool(getattr(p, "is_hr_pass", False))
-        steps = (getattr(p, "hr_second_pass_steps", 0) or p.steps) if hires else p.steps
-        engine = session.engine(steps, p.cfg_scale, latent_updates=not hires)
-        denoiser = ComposeDenoiser(p.sampler, session.model, session, engine)
-        denoiser.install()
-        return denoiser
+    def base_model(self):
+        model = self.model()
+        unmerge_builtin_loras(model.sd_model)
+        yield model

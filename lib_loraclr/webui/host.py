@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from abc import ABC, abstractmethod
+import sys
 from collections.abc import Iterator
 
 from ..lora.reader import peek_lora
@@ -28,35 +28,29 @@ def scan_lora_folder(folder: str) -> dict[str, str]:
     return dict(sorted(found.items(), key=lambda item: item[0].lower()))
 
 
-class WebUIHost(ABC):
-    """One running WebUI: its loaded model, LoRA folder and list, queue lock and sampler."""
+class WebUIHost:
+    """One running WebUI: its loaded model, LoRA folder and list, queue lock and sampler.
 
-    name: str = "WebUI"
+    A1111 and Forge share the ``modules.*`` parts below; each subclass says how to wrap its
+    model (``model_class``), how to run CLoRA in its sampler (``compose_denoiser``,
+    ``grad_context``) and how to read the checkpoint's own weights (``base_model``).
+    """
 
-    @abstractmethod
+    name = "WebUI"
+    model_class: type[ModelAccess]
+    compose_denoiser: type
+    grad_context = contextlib.nullcontext
+
     def model(self) -> ModelAccess:
         """The loaded checkpoint behind ``ModelAccess``; raises if none is loaded."""
+        from modules import shared
 
-    @abstractmethod
-    def lora_dir(self) -> str: ...
+        if shared.sd_model is None:
+            raise RuntimeError("no checkpoint is loaded; load one in the WebUI first")
+        return self.model_class(shared.sd_model)
 
-    @abstractmethod
-    def lora_files(self) -> dict[str, str]:
-        """Name -> path of every LoRA the host lists."""
-
-    @abstractmethod
-    def refresh_host_loras(self) -> None:
-        """Make the host rescan its LoRA folder, so a new file shows in its Lora tab."""
-
-    @property
-    @abstractmethod
-    def queue_lock(self):
-        """The lock generations hold; a merge holds it too, so the two never overlap."""
-
-    @contextlib.contextmanager
-    def base_weights(self) -> Iterator[None]:
-        """The checkpoint's own weights while the block runs (hosts that merge LoRAs in place undo it)."""
-        yield
+    def lora_dir(self) -> str:
+        return self.command_option("lora_dir")
 
     def output_dir(self) -> str:
         return self.command_option("loraclr_output_dir") or self.lora_dir()
@@ -65,6 +59,48 @@ class WebUIHost(ABC):
         from modules import shared
 
         return getattr(shared.cmd_opts, name, None)
+
+    def lora_files(self) -> dict[str, str]:
+        """Name -> path of every LoRA the host's built-in Lora lists (a folder scan without it)."""
+        networks = sys.modules.get("networks")
+        if networks is not None and networks.available_networks:
+            return {name: entry.filename for name, entry in sorted(networks.available_networks.items())}
+        return scan_lora_folder(self.lora_dir())
+
+    def refresh_host_loras(self) -> None:
+        """Make the host rescan its LoRA folder, so a new file shows in its Lora tab."""
+        networks = sys.modules.get("networks")
+        if networks is not None:
+            networks.list_available_networks()
+
+    @property
+    def queue_lock(self):
+        """The lock generations hold; a merge holds it too, so the two never overlap."""
+        from modules.call_queue import queue_lock
+
+        return queue_lock
+
+    @contextlib.contextmanager
+    def base_model(self) -> Iterator[ModelAccess]:
+        """The loaded model with the checkpoint's own weights for the duration of the block.
+
+        Hosts that merge their LoRAs into the weights (A1111, Forge) take them out here; call
+        with the queue lock held. The default is for hosts that never change the weights.
+        """
+        yield self.model()
+
+    def install_compose(self, p, session):
+        """Run ``session`` in place of p's current sampler's CFG denoiser; returns it (``remove()``).
+
+        The hires pass (a second sampling with a new sampler) fuses the passes but does not
+        update the latent: CLoRA's updates belong to the first, layout-forming steps.
+        """
+        hires = bool(getattr(p, "is_hr_pass", False))
+        steps = (getattr(p, "hr_second_pass_steps", 0) or p.steps) if hires else p.steps
+        engine = session.engine(steps, p.cfg_scale, latent_updates=not hires, grad_context=self.grad_context)
+        denoiser = self.compose_denoiser(p.sampler, session.model, session, engine)
+        denoiser.install()
+        return denoiser
 
     def lora_arch(self, path: str) -> str | None:
         try:

@@ -3,7 +3,7 @@
 Everything that can be refused without the model (names, triggers, architectures, the output
 name) is refused before the job starts, with a message meant for the tab. The job holds the
 host's queue lock for its whole run, so a merge and a generation never use the model at the
-same time, and reads the checkpoint's own weights (``WebUIHost.base_weights``).
+same time, and reads the checkpoint's own weights (``WebUIHost.base_model``).
 """
 
 from __future__ import annotations
@@ -95,8 +95,7 @@ class MergeService:
         host = self.host
 
         def work(progress) -> dict:
-            with host.base_weights():
-                model = host.model()
+            with host.base_model() as model:
                 summary = merge_to_file(
                     model, concepts, settings, out_path, overwrite=request.overwrite,
                     report_path=report_path_for(out_path), progress=progress,

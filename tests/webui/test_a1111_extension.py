@@ -138,12 +138,18 @@ def test_show_masks_adds_overlays_and_batches_work(host):
     assert len(processed.infotexts) == len(processed.images)
 
 
-def test_bad_requests_fail_the_generation_with_a_clear_error_and_leave_no_hooks(host):
+@pytest.mark.parametrize("prompt, sampler, message", [
+    ("a cat and a bird", "Euler a", "not found in prompt"),
+    (PROMPT, "Heun", "does not support the sampler"),
+])
+def test_bad_requests_stop_the_generation_with_a_clear_error_and_leave_no_hooks(host, prompt, sampler, message):
     hooks = model_hooks(host)
-    host.txt2img("a cat and a bird", seed=1, steps=2, script_args=compose_args(host))
-    errors = " ".join(str(e) for e in host.errors())
-    assert "not found in prompt" in errors
+    with pytest.raises(RuntimeError, match=f"LoRACLR composition: .*{message}"):
+        host.run(host.make_txt2img(prompt, seed=1, steps=2, sampler_name=sampler, script_args=compose_args(host)))
     assert model_hooks(host) == hooks
+    plain = host.txt2img(prompt, seed=1, steps=2)
+    assert host.errors() == [] or all(message in str(e) for e in host.errors())
+    assert plain.images
 
 
 def test_failing_step_leaves_no_hooks(host, monkeypatch):
@@ -166,14 +172,14 @@ def test_failing_step_leaves_no_hooks(host, monkeypatch):
 
 
 def test_unsupported_sampler_is_refused():
-    from lib_loraclr.hosts.a1111 import ComposeDenoiser
+    from lib_loraclr.hosts.a1111 import A1111ComposeDenoiser
 
     class Sampler:
         funcname = "sample_heun"
         model_wrap_cfg = None
 
     with pytest.raises(ValueError, match="does not support the sampler"):
-        ComposeDenoiser(Sampler(), None, None, None)
+        A1111ComposeDenoiser(Sampler(), None, None, None)
 
 
 def test_merge_reads_the_checkpoint_weights_and_refreshes_the_lora_list(host):

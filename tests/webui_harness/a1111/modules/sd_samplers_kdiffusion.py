@@ -1,4 +1,4 @@
-"""modules.sd_samplers_kdiffusion: KDiffusionSampler for "DPM++ 2M" (Karras), "Euler a", "Euler"."""
+"""modules.sd_samplers_kdiffusion: KDiffusionSampler for "DPM++ 2M" (Karras), "Euler a", "Euler", "Heun"."""
 import inspect
 
 import torch
@@ -14,6 +14,7 @@ samplers_k_diffusion = [
     ('DPM++ 2M', 'sample_dpmpp_2m', ['k_dpmpp_2m'], {'scheduler': 'karras'}),
     ('Euler a', 'sample_euler_ancestral', ['k_euler_a', 'k_euler_ancestral'], {"uses_ensd": True}),
     ('Euler', 'sample_euler', ['k_euler'], {}),
+    ('Heun', 'sample_heun', ['k_heun'], {"second_order": True}),
 ]
 
 samplers_data_k_diffusion = [

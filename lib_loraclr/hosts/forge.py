@@ -1,0 +1,180 @@
+"""Forge 2.0 (backend rewrite): its loaded model behind ``ModelAccess`` and the WebUI host.
+
+Forge keeps the model in ``sd_model.forge_objects``: a UNet patcher whose ``model`` is a
+``KModel`` (``apply_model(x, sigma, c_crossattn=..., y=...)`` -> x0, k-diffusion convention)
+around an ldm-named UNet, and a CLIP patcher whose text encoders are transformers models
+(``clip_l``, ``clip_g`` for SDXL) under ``.transformer``. Everything is loaded under
+``torch.inference_mode()``, so CLoRA's latent gradient runs inside ``GradThroughFrozen``.
+
+Forge's own LoRAs are patches merged into the weights by ``LoraLoader.refresh``; a merge
+takes them out (``refresh`` with no patches) and puts them back afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ..frozen_grad import GradThroughFrozen
+from ..lora.keys import ldm_to_diffusers_unet
+from ..model import Conditioning, ModelAccess
+from ..webui.denoiser import ComposeDenoiser, StepInput, kdiffusion_scale
+from ..webui.host import WebUIHost
+
+_TEXT_ENCODERS = (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"))
+
+
+class ForgeModel(ModelAccess):
+    """``sd_model`` of Forge (SD1 / SD2 / SDXL; Flux and SD3 are refused)."""
+
+    def __init__(self, sd_model):
+        if getattr(sd_model, "is_sdxl", False):
+            self.arch = "sdxl"
+        elif getattr(sd_model, "is_sd2", False):
+            self.arch = "sd2"
+        elif getattr(sd_model, "is_sd1", False):
+            self.arch = "sd1"
+        else:
+            raise ValueError(f"LoRACLR supports SD1, SD2 and SDXL checkpoints; the loaded model is a {type(sd_model).__name__}")
+        self.sd_model = sd_model
+        objects = sd_model.forge_objects
+        self.unet_patcher = objects.unet
+        self.unet = objects.unet.model.diffusion_model
+        clip = objects.clip
+        self.clip_patcher = clip.patcher
+        self._text_encoders = {
+            component: getattr(clip.cond_stage_model, name).transformer
+            for name, component in _TEXT_ENCODERS
+            if getattr(clip.cond_stage_model, name, None) is not None
+        }
+        tokenizers = clip.tokenizer
+        self._tokenizer = getattr(tokenizers, "clip_l", None) or getattr(tokenizers, "clip_h", None)
+        if "text_encoder" not in self._text_encoders and getattr(clip.cond_stage_model, "clip_h", None) is not None:
+            self._text_encoders["text_encoder"] = clip.cond_stage_model.clip_h.transformer
+        self.latent_channels = 4
+        self._targets: dict[str, nn.Module] | None = None
+        self.image_size: tuple[int, int] | None = None  # (height, width) a generation asks for
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet_patcher.model.computation_dtype
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.unet_patcher.model.predictor.alphas_cumprod.detach().float().cpu()
+
+    def targets(self) -> dict[str, nn.Module]:
+        if self._targets is None:
+            found = {
+                f"unet.{ldm_to_diffusers_unet(path)}": module
+                for path, module in self.unet.named_modules()
+                if isinstance(module, (nn.Linear, nn.Conv2d))
+            }
+            for component, transformer in self._text_encoders.items():
+                found.update({
+                    f"{component}.{path}": module
+                    for path, module in transformer.named_modules()
+                    if path.startswith("text_model.") and isinstance(module, (nn.Linear, nn.Conv2d))
+                })
+            self._targets = found
+        return self._targets
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self._tokenizer(
+            list(prompts), padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        batch = list(prompts)
+        if self.arch == "sdxl" and self.image_size is not None:
+            from modules.prompt_parser import SdConditioning
+
+            height, width = self.image_size
+            batch = SdConditioning(batch, width=width, height=height)
+        cond = self.sd_model.get_learned_conditioning(batch)
+        if isinstance(cond, dict):
+            return Conditioning(cond["crossattn"], cond["vector"])
+        return Conditioning(cond)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """x0 from the k-diffusion latent ``x`` (noise scale ``sigma``), Forge's own way."""
+        extra = {"y": cond.pooled} if cond.pooled is not None else {}
+        return self.unet_patcher.model.apply_model(x, sigma, c_crossattn=cond.context, transformer_options={}, **extra)
+
+    def unet_eps(self, latent: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        batch = latent.shape[0]
+        timestep = torch.as_tensor(timestep, device=latent.device).reshape(-1).expand(batch)
+        sigma = self.unet_patcher.model.predictor.sigma(timestep).to(latent.device).float()
+        x = latent / kdiffusion_scale(sigma, latent.dtype)
+        x0 = self.denoise(x, sigma, cond)
+        return ((x - x0) / sigma.view(-1, 1, 1, 1)).to(latent.dtype)
+
+    def load_to_device(self) -> None:
+        """Forge moves models to the GPU on demand; a merge runs outside its sampler."""
+        from backend import memory_management
+
+        memory_management.load_models_gpu([self.unet_patcher, self.clip_patcher])
+
+
+class ForgeComposeDenoiser(ComposeDenoiser):
+    """Forge's samplers: all run k-diffusion style through ``KModel.apply_model`` (x0); DDIM
+    ("classic DDIM eps estimation") passes timesteps and wants noise back."""
+
+    def __init__(self, sampler, model: ForgeModel, session, engine):
+        super().__init__(sampler, session, engine)
+        self.model = model
+
+    def step_input(self, x, sigma):
+        if self.kdiffusion:
+            scale = kdiffusion_scale(sigma, x.dtype)
+            return StepInput(x * scale, scale, sigma)
+        alphas = self.model.unet_patcher.model.predictor.alphas_cumprod.to(x.device)
+        real_sigma = ((1 - alphas) / alphas)[sigma.round().long()] ** 0.5
+        return StepInput(x, kdiffusion_scale(real_sigma, x.dtype), real_sigma)
+
+    def unet(self, latent_rows, scale_rows, sigma_rows, cond_rows, image_cond, repeats):
+        return self.model.denoise(latent_rows / scale_rows, sigma_rows, cond_rows)
+
+    def sampler_output(self, latent, step_input, prediction):
+        if self.kdiffusion:
+            return prediction, prediction
+        x = latent / step_input.scale
+        return (x - prediction) / step_input.unet_sigma.view(-1, 1, 1, 1), prediction
+
+
+def _lora_loaders(sd_model):
+    """The LoRA loaders of the UNet and text encoder modules (one per module, shared by all patchers)."""
+    objects = sd_model.forge_objects
+    return [(patcher, patcher.lora_loader) for patcher in (objects.unet, objects.clip.patcher)]
+
+
+class ForgeHost(WebUIHost):
+    """Forge 2.0: ``shared.sd_model.forge_objects``; LoRA list and queue lock as A1111's."""
+
+    name = "Forge"
+    model_class = ForgeModel
+    compose_denoiser = ForgeComposeDenoiser
+    grad_context = GradThroughFrozen
+
+    @contextlib.contextmanager
+    def base_model(self):
+        model = self.model()
+        model.load_to_device()
+        loaders = _lora_loaders(model.sd_model)
+        for patcher, loader in loaders:
+            loader.refresh(lora_patches={}, offload_device=patcher.offload_device)
+        try:
+            yield model
+        finally:
+            for patcher, _loader in loaders:
+                patcher.refresh_loras()

@@ -1,0 +1,404 @@
+"""Drive the Forge (2.0.1v1.10.1, dfdcbab) stand-in: start it, load scripts, run txt2img, tear down.
+
+    host = ForgeHost(tmp_dir)          # nothing imported yet
+    host.start()                       # sys.path, modules.*, backend, sd_forge_lora, tiny model, before_ui
+    host.load_scripts("/work/main")    # an extension folder (its scripts/*.py) or script files
+    processed = host.txt2img("a cat <lora:x:1>", sampler_name="Euler", steps=3, seed=1)
+    host.stop()                        # drop modules/backend/networks/... from sys.modules
+
+Startup follows Forge's order: load_scripts (sd_forge_lora + given scripts) -> model load via
+``sd_models.forge_model_reload`` (under inference_mode: every weight is an inference tensor;
+model_loaded callbacks) -> before_ui callbacks (registers ExtraNetworkLora) -> runners.
+
+The tiny model: ``backend.diffusion_engine.sd15.StableDiffusion`` around an
+``IntegratedUNet2DConditionModel`` (SD1 layout, model_channels 32, channel_mult (1, 2, 2, 2),
+2 heads, context_dim 32: 16 attn2 at the real block positions) built inside
+``using_forge_operations`` (Linear/Conv2d/GroupNorm/LayerNorm are ForgeOperations classes), a
+tiny transformers CLIPTextModel (hidden 32, 2 layers; modules replaced by ForgeOperations ones)
+and a 1x1-conv stand-in VAE. Weights are seeded random (cached per seed as plain state dicts).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+import torch
+
+from webui_harness import ldm_tiny as _ldm_tiny
+
+HARNESS_DIR = os.path.dirname(os.path.abspath(__file__))
+FORGE_ROOT = os.path.join(HARNESS_DIR, "forge")
+LORA_EXT_DIR = os.path.join(FORGE_ROOT, "extensions-builtin", "sd_forge_lora")
+LORA_SCRIPT = os.path.join(LORA_EXT_DIR, "scripts", "lora_script.py")
+
+_HARNESS_TOP_NAMES = {"modules", "modules_forge", "backend", "k_diffusion", "networks", "network", "extra_networks_lora",
+                      "lora", "preload", "ldm", "ldm_tiny"}
+
+UNET_CONFIG = dict(in_channels=4, model_channels=32, out_channels=4, num_res_blocks=2, channel_mult=(1, 2, 2, 2), num_heads=2,
+                   use_spatial_transformer=True, transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
+                   transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], context_dim=32, use_linear_in_transformer=False)
+
+SCHEDULER_CONFIG = dict(prediction_type="epsilon", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                        num_train_timesteps=1000)
+
+
+def gradio_available() -> bool:
+    try:
+        import gradio  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+_PRISTINE = {}
+
+
+class EstimatedConfig:
+    """What huggingface_guess gives StableDiffusion (model_config): SD15, not inpaint."""
+    huggingface_repo = "runwayml/stable-diffusion-v1-5"
+    unet_config = UNET_CONFIG
+
+    def inpaint_model(self):
+        return False
+
+
+def _pristine(seed):
+    """Plain (non-inference) state dicts for the UNet and the VAE of this seed."""
+    if seed not in _PRISTINE:
+        from backend.nn.unet import IntegratedUNet2DConditionModel
+        from backend.nn.vae import IntegratedAutoencoderKL
+        torch.manual_seed(seed)
+        unet = IntegratedUNet2DConditionModel(**UNET_CONFIG)
+        vae = IntegratedAutoencoderKL()
+        g = torch.Generator().manual_seed(seed + 1234)
+        with torch.no_grad():
+            for conv in (vae.decoder_conv, vae.encoder_conv):
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.5)
+                conv.bias.zero_()
+        _PRISTINE[seed] = ({k: v.clone() for k, v in unet.state_dict().items()}, {k: v.clone() for k, v in vae.state_dict().items()})
+    return _PRISTINE[seed]
+
+
+def _to_forge_operations(root):
+    """Swap a freshly built module tree's Linear / LayerNorm / Embedding for ForgeOperations ones
+    with the same weights (names unchanged). Call inside inference_mode."""
+    from backend.operations import ForgeOperations, using_forge_operations
+    real = {"Linear": torch.nn.Linear, "LayerNorm": torch.nn.LayerNorm, "Embedding": torch.nn.Embedding}
+    for name, module in list(root.named_modules()):
+        for child_name, child in list(module.named_children()):
+            new = None
+            with using_forge_operations(device=torch.device("cpu"), dtype=torch.float32):
+                if type(child) is real["Linear"]:
+                    new = ForgeOperations.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                elif type(child) is real["LayerNorm"]:
+                    new = ForgeOperations.LayerNorm(child.normalized_shape, eps=child.eps, elementwise_affine=child.elementwise_affine)
+                elif type(child) is real["Embedding"]:
+                    new = ForgeOperations.Embedding(child.num_embeddings, child.embedding_dim, padding_idx=child.padding_idx)
+            if new is not None:
+                new.load_state_dict(child.state_dict(), strict=False)
+                setattr(module, child_name, new)
+    return root
+
+
+@torch.inference_mode()
+def build_tiny_forge_sd1(seed: int = 0):
+    """StableDiffusion (Forge engine object) with every weight loaded under inference_mode."""
+    from transformers import CLIPTokenizer
+    from backend import memory_management
+    from backend.diffusion_engine.sd15 import StableDiffusion
+    from backend.nn.clip import IntegratedCLIP
+    from backend.nn.unet import IntegratedUNet2DConditionModel
+    from backend.nn.vae import IntegratedAutoencoderKL
+    from backend.operations import using_forge_operations
+
+    unet_sd, vae_sd = _pristine(seed)
+    with using_forge_operations(device=memory_management.cpu, dtype=torch.float32):
+        unet = IntegratedUNet2DConditionModel(**UNET_CONFIG)
+        vae = IntegratedAutoencoderKL()
+    unet.load_state_dict(unet_sd, strict=False)
+    vae.load_state_dict(vae_sd, strict=False)
+    unet.storage_dtype = unet.computation_dtype = unet.dtype = torch.float32
+    unet.load_device = unet.offload_device = unet.initial_device = memory_management.cpu
+
+    text_model = _ldm_tiny._make_clip_text_model(width=UNET_CONFIG["context_dim"], seed=seed + 1)
+    text_encoder = IntegratedCLIP(lambda config: _to_forge_operations(text_model), text_model.config)
+    tokenizer = CLIPTokenizer.from_pretrained(_ldm_tiny.TOKENIZER_DIR)
+    scheduler = types.SimpleNamespace(config=types.SimpleNamespace(**SCHEDULER_CONFIG))
+
+    model = StableDiffusion(EstimatedConfig(), dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
+                                                    tokenizer=tokenizer, scheduler=scheduler))
+    return model
+
+
+class ForgeHost:
+    def __init__(self, data_dir: str, *, seed: int = 0, threads: int | None = 1):
+        self.data_dir = os.path.abspath(data_dir)
+        self.lora_dir = os.path.join(self.data_dir, "models", "Lora")
+        self.seed = seed
+        self.threads = threads
+        self.script_paths: list[str] = []
+        self.ui_built = False
+        self.demo = None
+        self._saved = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self):
+        os.makedirs(self.lora_dir, exist_ok=True)
+        self._saved = {
+            "sys_path": list(sys.path),
+            "modules": set(sys.modules),
+            "nn": {n: getattr(torch.nn, n) for n in ("Linear", "Conv2d", "GroupNorm", "LayerNorm", "Embedding")},
+            "threads": torch.get_num_threads(),
+            "env": os.environ.get("A1111_HARNESS_DATA"),
+        }
+        for name in _HARNESS_TOP_NAMES - {"ldm", "ldm_tiny"}:
+            if name in sys.modules:
+                raise RuntimeError(f"a module named {name!r} is already imported; the Forge harness needs that name")
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        os.environ["A1111_HARNESS_DATA"] = self.data_dir
+        sys.path[:0] = [FORGE_ROOT]
+
+        from modules import shared, extra_networks
+        shared.cmd_opts.lora_dir = self.lora_dir
+        shared.cmd_opts.data_dir = self.data_dir
+        extra_networks.initialize()
+        extra_networks.register_default_extra_networks()
+
+        self._load_scripts()
+        self.load_model()
+        from modules import script_callbacks
+        script_callbacks.before_ui_callback()
+        self._init_runners()
+        return self
+
+    def stop(self):
+        if self._saved is None:
+            return
+        try:
+            if "modules.script_callbacks" in sys.modules:
+                sys.modules["modules.script_callbacks"].script_unloaded_callback()
+            if "backend.memory_management" in sys.modules:
+                sys.modules["backend.memory_management"].unload_all_models()
+        finally:
+            s = self._saved
+            for n, cls in s["nn"].items():
+                setattr(torch.nn, n, cls)
+            torch.set_num_threads(s["threads"])
+            if s["env"] is None:
+                os.environ.pop("A1111_HARNESS_DATA", None)
+            else:
+                os.environ["A1111_HARNESS_DATA"] = s["env"]
+            sys.path[:] = s["sys_path"]
+            roots = self._script_roots()
+            for name in list(sys.modules):
+                if name in s["modules"] or name.startswith("webui_harness"):
+                    continue
+                top = name.split(".")[0]
+                file = os.path.abspath(getattr(sys.modules[name], "__file__", None) or "")
+                if top in _HARNESS_TOP_NAMES or file.startswith(FORGE_ROOT + os.sep) or any(file.startswith(d + os.sep) for d in roots):
+                    del sys.modules[name]
+            self._saved = None
+
+    def _script_roots(self):
+        roots = []
+        for p in self.script_paths:
+            p = os.path.abspath(p)
+            folder = p if os.path.isdir(p) else os.path.dirname(p)
+            if os.path.basename(folder) == "scripts":
+                folder = os.path.dirname(folder)
+            roots.append(os.path.join(folder, "scripts"))
+        return roots
+
+    # ------------------------------------------------------------------ model
+
+    def load_model(self):
+        """Register the checkpoint, then ``forge_model_reload()`` (inference_mode, model_loaded callbacks)."""
+        from safetensors.torch import save_file
+        from modules import shared, sd_models
+
+        ckpt_dir = os.path.join(self.data_dir, "models", "Stable-diffusion")
+        os.makedirs(ckpt_dir, exist_ok=True)
+        ckpt = os.path.join(ckpt_dir, "tiny-sd1.safetensors")
+        if not os.path.exists(ckpt):
+            save_file({"seed": torch.tensor([self.seed])}, ckpt, metadata={"harness": "tiny forge sd1 stand-in"})
+        info = sd_models.CheckpointInfo(ckpt)
+        info.calculate_shorthash()
+        info.register()
+        shared.opts.data["sd_model_checkpoint"] = info.title
+
+        def loader():
+            sd_model = build_tiny_forge_sd1(self.seed)
+            sd_model.extra_generation_params = {}
+            sd_model.comments = []
+            sd_model.sd_checkpoint_info = info
+            sd_model.filename = info.filename
+            sd_model.sd_model_hash = info.calculate_shorthash()
+            shared.opts.data["sd_checkpoint_hash"] = info.sha256
+            return sd_model
+
+        sd_models.model_data.forge_loading_parameters = dict(checkpoint_info=info, additional_modules=[], unet_storage_dtype=None,
+                                                            harness_loader=loader)
+        sd_models.model_data.forge_hash = ''
+        sd_model, _ = sd_models.forge_model_reload()
+        return sd_model
+
+    # ------------------------------------------------------------------ scripts / ui
+
+    def _load_scripts(self):
+        from modules import scripts
+        scripts.load_scripts([LORA_SCRIPT, *self.script_paths])
+
+    def _init_runners(self):
+        from modules import scripts
+        scripts.scripts_txt2img.initialize_scripts(is_img2img=False)
+        scripts.scripts_img2img.initialize_scripts(is_img2img=True)
+        scripts.scripts_current = scripts.scripts_txt2img
+        self.ui_built = False
+
+    def load_scripts(self, *paths: str):
+        """Like the WebUI's "reload scripts": script_unloaded callbacks, load sd_forge_lora + ``paths``,
+        model_loaded callbacks for the current model, before_ui, fresh runners."""
+        from modules import script_callbacks, shared
+        self.script_paths = [os.path.join(p, "scripts") if os.path.isdir(os.path.join(p, "scripts")) else p for p in paths]
+        script_callbacks.script_unloaded_callback()
+        self._load_scripts()
+        script_callbacks.model_loaded_callback(shared.sd_model)
+        script_callbacks.before_ui_callback()
+        self._init_runners()
+        return self.scripts_txt2img
+
+    @property
+    def scripts_txt2img(self):
+        from modules import scripts
+        return scripts.scripts_txt2img
+
+    def find_script(self, title_or_class):
+        for s in self.scripts_txt2img.scripts:
+            if s.__class__ is title_or_class or s.__class__.__name__ == title_or_class or s.title() == title_or_class:
+                return s
+        raise KeyError(title_or_class)
+
+    def build_ui(self):
+        """(gradio 4) ui_settings callbacks, a Blocks with the txt2img AlwaysVisible scripts' ui(False), ui_tabs callbacks."""
+        import gradio as gr
+        from modules import script_callbacks
+        script_callbacks.ui_settings_callback()
+        with gr.Blocks() as demo:
+            self.scripts_txt2img.prepare_ui()
+            self.scripts_txt2img.setup_ui()
+            tabs = script_callbacks.ui_tabs_callback()
+        self.demo = demo
+        self.ui_built = True
+        return demo, tabs
+
+    def app_started(self, demo=None):
+        from fastapi import FastAPI
+        from modules import script_callbacks
+        app = FastAPI()
+        script_callbacks.app_started_callback(demo if demo is not None else self.demo, app)
+        return app
+
+    def script_args(self, values: dict | None = None) -> list:
+        """p.script_args for txt2img (see A1111Host.script_args)."""
+        values = dict(values or {})
+        runner = self.scripts_txt2img
+        resolved = {self.find_script(k): list(v) for k, v in values.items()}
+        if self.ui_built:
+            args = [0] + [getattr(c, "value", None) for c in runner.inputs[1:]]
+            for script, v in resolved.items():
+                assert len(v) == script.args_to - script.args_from, f"{script.title()}: expected {script.args_to - script.args_from} args, got {len(v)}"
+                args[script.args_from:script.args_to] = v
+            return args
+        args = [0]
+        for script in runner.alwayson_scripts:
+            v = resolved.get(script, [])
+            script.args_from = len(args)
+            args += v
+            script.args_to = len(args)
+        return args
+
+    # ------------------------------------------------------------------ generation
+
+    def make_txt2img(self, prompt: str = "", negative_prompt: str = "", *, script_args=None, **kwargs):
+        from modules import processing, shared
+        params = dict(width=64, height=64, steps=3, sampler_name="Euler", seed=1, cfg_scale=7.0, batch_size=1, n_iter=1,
+                      do_not_save_samples=True, do_not_save_grid=True)
+        params.update(kwargs)
+        p = processing.StableDiffusionProcessingTxt2Img(sd_model=shared.sd_model, outpath_samples=os.path.join(self.data_dir, "outputs"),
+                                                       outpath_grids=os.path.join(self.data_dir, "outputs"), prompt=prompt,
+                                                       negative_prompt=negative_prompt, **params)
+        p.scripts = self.scripts_txt2img
+        p.script_args = tuple(script_args if script_args is not None else self.script_args())
+        return p
+
+    def run(self, p):
+        """modules.txt2img's core under the gradio call wrapper's bookkeeping (queue_lock, state)."""
+        from modules import call_queue, processing, shared
+        with call_queue.queue_lock:
+            shared.state.begin(job="txt2img")
+            try:
+                processed = p.scripts.run(p, *p.script_args) if p.scripts is not None else None
+                if processed is None:
+                    processed = processing.process_images(p)
+            finally:
+                p.close()
+                shared.state.end()
+                shared.state.skipped = False
+                shared.state.interrupted = False
+                shared.state.stopping_generation = False
+        return processed
+
+    def txt2img(self, prompt: str = "", negative_prompt: str = "", *, script_args=None, **kwargs):
+        return self.run(self.make_txt2img(prompt, negative_prompt, script_args=script_args, **kwargs))
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def shared(self):
+        from modules import shared
+        return shared
+
+    @property
+    def sd_model(self):
+        return self.shared.sd_model
+
+    @property
+    def unet_patcher(self):
+        """The ORIGINAL UnetPatcher (``forge_objects_original.unet``)."""
+        return self.sd_model.forge_objects_original.unet
+
+    @property
+    def diffusion_model(self):
+        return self.sd_model.forge_objects_original.unet.model.diffusion_model
+
+    @property
+    def text_encoder(self):
+        """``forge_objects.clip.cond_stage_model.clip_l`` (IntegratedCLIP; ``.transformer`` is the CLIPTextModel)."""
+        return self.sd_model.forge_objects_original.clip.cond_stage_model.clip_l
+
+    def parameter_for_kohya_key(self, kohya_module_name: str):
+        """(patcher, parameter key) Forge's own key maps give a kohya module name (no ``.lora_up.weight``)."""
+        from backend.patcher.lora import model_lora_keys_unet, model_lora_keys_clip
+        fo = self.sd_model.forge_objects_original
+        unet_map = model_lora_keys_unet(fo.unet.model, {})
+        if kohya_module_name in unet_map:
+            return fo.unet, unet_map[kohya_module_name]
+        clip_map = model_lora_keys_clip(fo.clip.cond_stage_model, {})
+        return fo.clip.patcher, clip_map[kohya_module_name]
+
+    def layer_for_kohya_key(self, kohya_module_name: str):
+        from backend import utils
+        patcher, key = self.parameter_for_kohya_key(kohya_module_name)
+        return utils.get_attr(patcher.model, key.rsplit(".", 1)[0])
+
+    def refresh_loras(self):
+        import networks
+        networks.list_available_networks()
+        return networks.available_networks
+
+    def errors(self):
+        from modules import errors
+        return list(errors.exception_records)
