@@ -88,11 +88,24 @@ class _Plan:
         return index
 
 
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or a host's own linear layer that does not subclass it (Forge's operations.Linear)."""
+    return isinstance(module, nn.Linear) or (
+        hasattr(module, "in_features") and hasattr(module, "out_features")
+        and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
+    )
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """A layer a LoRA can adapt: linear or Conv2d."""
+    return isinstance(module, nn.Conv2d) or is_linear(module)
+
+
 def _base_weight_shape(target: str, module: nn.Module) -> tuple[bool, tuple[int, ...]]:
     """(is_conv, weight shape) from the layer's own sizes, so packed/quantised weights still work."""
     if isinstance(module, nn.Conv2d):
         return True, (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         return False, (module.out_features, module.in_features)
     raise TypeError(f"{target}: a LoRA can only be applied to Linear or Conv2d, not {type(module).__name__}")
 

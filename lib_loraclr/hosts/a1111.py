@@ -23,6 +23,7 @@ from torch import nn
 
 from ..lora.keys import ldm_to_diffusers_unet
 from ..model import Conditioning, ModelAccess
+from ..runtime import is_adaptable, is_linear
 from ..webui.denoiser import ComposeDenoiser, StepInput, kdiffusion_scale
 from ..webui.host import WebUIHost
 
@@ -35,7 +36,7 @@ def _open_clip_targets(model: nn.Module, component: str) -> dict[str, nn.Module]
     found = {}
     for path, module in model.named_modules():
         match = _OPEN_CLIP_PATH.fullmatch(path)
-        if match and match.group(2) in _OPEN_CLIP_LAYERS and isinstance(module, nn.Linear):
+        if match and match.group(2) in _OPEN_CLIP_LAYERS and is_linear(module):
             layer = _OPEN_CLIP_LAYERS[match.group(2)]
             found[f"{component}.text_model.encoder.layers.{match.group(1)}.{layer}"] = module
     return found
@@ -45,7 +46,7 @@ def _hf_clip_targets(transformer: nn.Module, component: str) -> dict[str, nn.Mod
     return {
         f"{component}.{path}": module
         for path, module in transformer.named_modules()
-        if path.startswith("text_model.") and isinstance(module, (nn.Linear, nn.Conv2d))
+        if path.startswith("text_model.") and is_adaptable(module)
     }
 
 
@@ -98,7 +99,7 @@ class A1111Model(ModelAccess):
             found = {
                 f"unet.{ldm_to_diffusers_unet(path)}": module
                 for path, module in self.unet.named_modules()
-                if isinstance(module, (nn.Linear, nn.Conv2d))
+                if is_adaptable(module)
             }
             for component, transformer in self._text_encoders.items():
                 found.update(_hf_clip_targets(transformer, component))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..model import Conditioning, ModelAccess
+from ..runtime import is_adaptable
 from ..weights import PICKLE_SUFFIXES, load_pickled_tensors
 
 # The text-transformer children of a CLIP text model. transformers 4 nests them under
@@ -123,12 +124,12 @@ class DiffusersModel(ModelAccess):
         found = {
             f"unet.{path}": module
             for path, module in self.unet.named_modules()
-            if isinstance(module, (nn.Linear, nn.Conv2d))
+            if is_adaptable(module)
         }
         for component, encoder in self.text_encoders().items():
             has_text_model_child = hasattr(encoder, "text_model")
             for path, module in encoder.named_modules():
-                if isinstance(module, (nn.Linear, nn.Conv2d)):
+                if is_adaptable(module):
                     found[f"{component}.{_canonical_text_path(path, has_text_model_child)}"] = module
         return found
 

@@ -20,6 +20,7 @@ from torch import nn
 from ..frozen_grad import GradThroughFrozen
 from ..lora.keys import ldm_to_diffusers_unet
 from ..model import Conditioning, ModelAccess
+from ..runtime import is_adaptable
 from ..webui.denoiser import ComposeDenoiser, StepInput, kdiffusion_scale
 from ..webui.host import WebUIHost
 
@@ -78,13 +79,13 @@ class ForgeModel(ModelAccess):
             found = {
                 f"unet.{ldm_to_diffusers_unet(path)}": module
                 for path, module in self.unet.named_modules()
-                if isinstance(module, (nn.Linear, nn.Conv2d))
+                if is_adaptable(module)
             }
             for component, transformer in self._text_encoders.items():
                 found.update({
                     f"{component}.{path}": module
                     for path, module in transformer.named_modules()
-                    if path.startswith("text_model.") and isinstance(module, (nn.Linear, nn.Conv2d))
+                    if path.startswith("text_model.") and is_adaptable(module)
                 })
             self._targets = found
         return self._targets

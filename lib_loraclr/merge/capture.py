@@ -69,7 +69,9 @@ class FeatureCollector:
         def hook(module, args, output):
             if not self.recording:
                 return
-            with torch.no_grad():
+            # Forge runs its text encoder under inference_mode: the statistics must stay
+            # ordinary tensors, or their in-place accumulation fails outside it.
+            with torch.no_grad(), torch.inference_mode(False):
                 x_rows = input_rows(module, args[0].detach()).float()
                 y_rows = output_rows(module, output.detach()).float()
                 batch = x_rows.shape[0]
@@ -109,16 +111,20 @@ class FeatureCollector:
 
 @contextmanager
 def weights_added(targets: dict[str, nn.Module], deltas: dict[str, torch.Tensor]):
-    """Temporarily add merged deltas to the model's weights; restore the exact originals after."""
+    """Temporarily add merged deltas to the model's weights; restore the exact originals after.
+
+    Inference-tensor weights (Forge) can only be written inside inference mode.
+    """
     originals = {}
     try:
-        with torch.no_grad():
-            for name, delta in deltas.items():
-                weight = targets[name].weight
+        for name, delta in deltas.items():
+            weight = targets[name].weight
+            with torch.no_grad(), torch.inference_mode(weight.is_inference()):
                 originals[name] = weight.detach().clone()
                 weight.add_(delta.reshape(weight.shape).to(weight.device, weight.dtype))
         yield
     finally:
-        with torch.no_grad():
-            for name, original in originals.items():
-                targets[name].weight.copy_(original)
+        for name, original in originals.items():
+            weight = targets[name].weight
+            with torch.no_grad(), torch.inference_mode(weight.is_inference()):
+                weight.copy_(original)

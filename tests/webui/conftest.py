@@ -6,6 +6,10 @@ sys.path (``import modules.shared``, ``import networks`` work), built-in Lora st
 sdp CrossAttention.forward. Teardown undoes the patches and removes ``modules``, ``networks``,
 ``k_diffusion``, ``ldm``... from sys.modules. Runs in the project venv and in an A1111-pinned
 env (gradio 3.41.2, transformers 4.30.2); UI tests skip without gradio.
+
+``forge`` (function scope) yields a started ``webui_harness.forge_host.ForgeHost`` (Forge
+2.0.1v1.10.1 stand-in, see tests/webui_harness/forge); runs in the project venv and in
+/work/envs/forge-pins (gradio 4.40.0, transformers 4.46.1).
 """
 import os
 import sys
@@ -18,11 +22,25 @@ for _path in (_TESTS, os.path.dirname(_TESTS)):  # webui_harness / lora_fixtures
         sys.path.insert(0, _path)
 
 from webui_harness.host import A1111Host, gradio_available  # noqa: E402
+from webui_harness.forge_host import ForgeHost  # noqa: E402
 
 
 @pytest.fixture
 def a1111(tmp_path):
     host = A1111Host(str(tmp_path / "webui"))
+    host.start()
+    try:
+        yield host
+    finally:
+        host.stop()
+
+
+@pytest.fixture
+def forge(tmp_path):
+    """A started ``webui_harness.forge_host.ForgeHost`` (Forge 2.0.1v1.10.1 stand-in): ``import modules_forge``,
+    ``import backend...``, ``import networks`` (sd_forge_lora) work; ``shared.sd_model`` is the tiny
+    ``StableDiffusion`` (weights are inference tensors). Teardown drops modules/backend/... from sys.modules."""
+    host = ForgeHost(str(tmp_path / "forge"))
     host.start()
     try:
         yield host

@@ -37,7 +37,7 @@ _HARNESS_TOP_NAMES = {"modules", "modules_forge", "backend", "k_diffusion", "net
 
 UNET_CONFIG = dict(in_channels=4, model_channels=32, out_channels=4, num_res_blocks=2, channel_mult=(1, 2, 2, 2), num_heads=2,
                    use_spatial_transformer=True, transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
-                   transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], context_dim=32, use_linear_in_transformer=False)
+                   transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], context_dim=32, use_linear_in_transformer=False)
 
 SCHEDULER_CONFIG = dict(prediction_type="epsilon", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                         num_train_timesteps=1000)
@@ -80,7 +80,7 @@ def _pristine(seed):
     return _PRISTINE[seed]
 
 
-def _to_forge_operations(root):
+def _to_forge_operations(root, manual_cast_enabled=False):
     """Swap a freshly built module tree's Linear / LayerNorm / Embedding for ForgeOperations ones
     with the same weights (names unchanged). Call inside inference_mode."""
     from backend.operations import ForgeOperations, using_forge_operations
@@ -88,7 +88,7 @@ def _to_forge_operations(root):
     for name, module in list(root.named_modules()):
         for child_name, child in list(module.named_children()):
             new = None
-            with using_forge_operations(device=torch.device("cpu"), dtype=torch.float32):
+            with using_forge_operations(device=torch.device("cpu"), dtype=torch.float32, manual_cast_enabled=manual_cast_enabled):
                 if type(child) is real["Linear"]:
                     new = ForgeOperations.Linear(child.in_features, child.out_features, bias=child.bias is not None)
                 elif type(child) is real["LayerNorm"]:
@@ -122,7 +122,12 @@ def build_tiny_forge_sd1(seed: int = 0):
     unet.load_device = unet.offload_device = unet.initial_device = memory_management.cpu
 
     text_model = _ldm_tiny._make_clip_text_model(width=UNET_CONFIG["context_dim"], seed=seed + 1)
-    text_encoder = IntegratedCLIP(lambda config: _to_forge_operations(text_model), text_model.config)
+    # Forge: IntegratedCLIP(CLIPTextModel, config, add_text_projection=True) under
+    # using_forge_operations(manual_cast_enabled=True); SD1 checkpoints have no text_projection, so that
+    # ForgeOperations.Linear keeps weight None (and its ``dummy`` parameter).
+    text_model = _to_forge_operations(text_model, manual_cast_enabled=True)
+    with using_forge_operations(device=memory_management.cpu, dtype=torch.float32, manual_cast_enabled=True):
+        text_encoder = IntegratedCLIP(lambda config: text_model, text_model.config, add_text_projection=True)
     tokenizer = CLIPTokenizer.from_pretrained(_ldm_tiny.TOKENIZER_DIR)
     scheduler = types.SimpleNamespace(config=types.SimpleNamespace(**SCHEDULER_CONFIG))
 

@@ -21,6 +21,7 @@ samplers_k_diffusion = [
     ('DPM++ 2M', 'sample_dpmpp_2m', ['k_dpmpp_2m'], {'scheduler': 'karras'}),
     ('Euler a', 'sample_euler_ancestral', ['k_euler_a', 'k_euler_ancestral'], {"uses_ensd": True}),
     ('Euler', 'sample_euler', ['k_euler'], {}),
+    ('Heun', 'sample_heun', ['k_heun'], {"second_order": True}),
 ]
 
 samplers_data_k_diffusion = [

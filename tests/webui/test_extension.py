@@ -1,7 +1,8 @@
-"""Our extension inside the A1111 v1.10.1 stand-in: the composition script, the merge, the UI and API.
+"""Our extension inside the A1111 v1.10.1 and Forge 2.0 stand-ins: composition script, merge, UI, API.
 
-Runs in the project venv and in the A1111-pinned env (gradio 3.41.2, transformers 4.30.2, no
-diffusers); the UI and REST tests need gradio and run in the pinned env (see .ci/run).
+Every test runs on both hosts. Runs in the project venv and in the hosts' pinned envs (A1111:
+gradio 3.41.2, transformers 4.30.2, no diffusers; Forge: gradio 4.40.0, transformers 4.46.1);
+the UI and REST tests need gradio and run in the pinned envs (see .ci/run).
 """
 import json
 import os
@@ -26,30 +27,47 @@ def pixels(processed, index=0):
 
 
 def attention_deltas(model, seed, rank=4):
+    from lib_loraclr.runtime import is_linear
+
     generator = torch.Generator().manual_seed(seed)
     deltas = {}
     for target, module in model.targets().items():
-        if any(part in target for part in (".attn1.", ".attn2.", ".self_attn.")) and isinstance(module, torch.nn.Linear):
+        if any(part in target for part in (".attn1.", ".attn2.", ".self_attn.")) and is_linear(module):
             out_features, in_features = module.weight.shape
             delta = torch.randn(out_features, rank, generator=generator) @ torch.randn(rank, in_features, generator=generator)
             deltas[target] = delta * (0.5 * module.weight.detach().norm() / delta.norm())
     return deltas
 
 
+HOSTS = ["a1111", "forge"]
+
+
+@pytest.fixture(params=HOSTS)
+def webui(request):
+    """A started stand-in of each host, without our extension."""
+    return request.getfixturevalue(request.param)
+
+
+def our_model():
+    from lib_loraclr.webui.host import current_host
+
+    return current_host().model()
+
+
 @pytest.fixture
-def host(a1111):
+def host(webui):
     """The stand-in with our extension loaded and two concept LoRAs in its Lora folder."""
-    from lib_loraclr.hosts.a1111 import A1111Model
     from lib_loraclr.lora.writer import write_kohya_lora, write_sidecar
 
-    model = A1111Model(a1111.sd_model)
+    model = our_model()
     for seed, name, trigger in ((1, "cat_lora", "sks cat"), (2, "dog_lora", "zqx dog")):
-        path = os.path.join(a1111.lora_dir, f"{name}.safetensors")
-        write_kohya_lora(path, attention_deltas(model, seed), "sd1", rank=4)
-        write_sidecar(path, trigger, arch="sd1")
-    a1111.refresh_loras()
-    a1111.load_scripts(ROOT)
-    return a1111
+        path = os.path.join(webui.lora_dir, f"{name}.safetensors")
+        write_kohya_lora(path, attention_deltas(model, seed), model.arch, rank=4)
+        write_sidecar(path, trigger, arch=model.arch)
+    webui.refresh_loras()
+    webui.load_scripts(ROOT)
+    webui.txt2img("warm up", steps=1)  # transformers adds hooks of its own at the first run
+    return webui
 
 
 def compose_args(host, **overrides):
@@ -69,33 +87,40 @@ def compose_args(host, **overrides):
 
 
 def model_hooks(host):
-    """(module, forward hooks, pre-hooks, instance forward) of every module that has any.
+    """(module, forward hooks, pre-hooks, instance forward) of every UNet / text encoder module with any.
 
     Compared before and after: transformers registers hooks of its own on the text encoder.
     """
+    model = our_model()
     found = []
-    for name, module in host.sd_model.named_modules():
-        if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
-            found.append((name, tuple(module._forward_hooks.values()), tuple(module._forward_pre_hooks.values()),
-                          module.__dict__.get("forward")))
+    for root in [model.unet, *model._text_encoders.values()]:
+        for name, module in root.named_modules():
+            if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
+                found.append((name, tuple(module._forward_hooks.values()), tuple(module._forward_pre_hooks.values()),
+                              module.__dict__.get("forward")))
     return found
 
 
-def test_enable_off_is_bit_identical_to_no_extension(a1111):
-    hooks = model_hooks(a1111)
-    baseline = a1111.txt2img(PROMPT, "ugly", seed=7, steps=3)
-    a1111.load_scripts(ROOT)
-    assert a1111.find_script(TITLE) is not None
-    off = a1111.txt2img(PROMPT, "ugly", seed=7, steps=3, script_args=a1111.script_args({TITLE: [{"enabled": False}]}))
+def attention_class():
+    unet = our_model().unet
+    return type(next(m for name, m in unet.named_modules() if name.endswith("attn2")))
+
+
+def test_enable_off_is_bit_identical_to_no_extension(webui):
+    baseline = webui.txt2img(PROMPT, "ugly", seed=7, steps=3)
+    hooks = model_hooks(webui)  # after a first run: transformers adds hooks of its own then
+    webui.load_scripts(ROOT)
+    assert webui.find_script(TITLE) is not None
+    off = webui.txt2img(PROMPT, "ugly", seed=7, steps=3, script_args=webui.script_args({TITLE: [{"enabled": False}]}))
     assert np.array_equal(pixels(baseline), pixels(off))
     assert "LoRACLR" not in off.info
-    assert model_hooks(a1111) == hooks
-    assert a1111.errors() == []
+    assert model_hooks(webui) == hooks
+    assert webui.errors() == []
 
 
 @pytest.mark.parametrize("sampler", ["Euler a", "DDIM"])
 def test_composition_runs_and_leaves_nothing_behind(host, sampler):
-    cross_attention_forward = type(host.unet.input_blocks[1][1].transformer_blocks[0].attn2).forward
+    cross_attention_forward = attention_class().forward
     hooks = model_hooks(host)
     plain = host.txt2img(PROMPT, "ugly", seed=3, sampler_name=sampler, steps=3)
     composed = host.txt2img(PROMPT, "ugly", seed=3, sampler_name=sampler, steps=3, script_args=compose_args(host))
@@ -104,7 +129,7 @@ def test_composition_runs_and_leaves_nothing_behind(host, sampler):
     info = composed.info
     assert "LoRACLR: " in info
     assert model_hooks(host) == hooks
-    assert type(host.unet.input_blocks[1][1].transformer_blocks[0].attn2).forward is cross_attention_forward
+    assert attention_class().forward is cross_attention_forward
     again = host.txt2img(PROMPT, "ugly", seed=3, sampler_name=sampler, steps=3)
     assert np.array_equal(pixels(plain), pixels(again))
 
@@ -184,25 +209,42 @@ def test_unsupported_sampler_is_refused():
 
 def test_merge_reads_the_checkpoint_weights_and_refreshes_the_lora_list(host):
     import networks
-    from lib_loraclr.hosts.a1111 import A1111Host
+    from lib_loraclr.webui.host import current_host
     from lib_loraclr.webui.merge_service import MergeRequest, MergeService
 
-    to_k = host.module_by_layer_name("diffusion_model_input_blocks_1_1_transformer_blocks_0_attn2_to_k")
-    w0 = to_k.weight.detach().clone()
-    host.txt2img("a cat <lora:cat_lora:1>", seed=1, steps=1)  # the built-in Lora merges it in place
-    assert not torch.equal(to_k.weight, w0)
+    def to_k_weight():
+        return host.layer_for_kohya_key("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k").weight.detach().clone()
 
-    service = MergeService(A1111Host())
-    job = service.start(MergeRequest(["cat_lora", "dog_lora"], ["sks cat", "zqx dog"], "merged",
-                                     settings={"capture_steps": 2, "capture_size": 64}))
-    status = service.jobs.wait(job, 300)
+    w0 = to_k_weight()
+    with_lora = host.txt2img("a cat <lora:cat_lora:1>", seed=1, steps=1)  # the host merges it into the weights
+    assert not torch.equal(to_k_weight(), w0)
+
+    seen = []
+    service = MergeService(current_host())
+    original_merge = __import__("lib_loraclr.webui.merge_service", fromlist=["merge_to_file"]).merge_to_file
+
+    def spying_merge(model, *args, **kwargs):
+        seen.append(to_k_weight())
+        return original_merge(model, *args, **kwargs)
+
+    import lib_loraclr.webui.merge_service as merge_service
+    merge_service.merge_to_file = spying_merge
+    try:
+        job = service.start(MergeRequest(["cat_lora", "dog_lora"], ["sks cat", "zqx dog"], "merged",
+                                         settings={"capture_steps": 2, "capture_size": 64}))
+        status = service.jobs.wait(job, 300)
+    finally:
+        merge_service.merge_to_file = original_merge
     assert status.state == "done", status.error
-    assert torch.equal(to_k.weight, w0), "the merge must run on the checkpoint's own weights"
+    assert torch.equal(seen[0], w0), "the merge must run on the checkpoint's own weights"
     assert "merged" in networks.available_networks
     assert os.path.isfile(os.path.join(host.lora_dir, "merged.safetensors"))
+    again = host.txt2img("a cat <lora:cat_lora:1>", seed=1, steps=1)
+    assert np.array_equal(pixels(with_lora), pixels(again)), "the host's own LoRA must apply again after a merge"
     merged = host.txt2img("a cat <lora:merged:1>", seed=1, steps=1)
     plain = host.txt2img("a cat", seed=1, steps=1)
     assert not np.array_equal(pixels(merged), pixels(plain))
+    assert "merged" in merged.info
     assert host.errors() == []
 
 
