@@ -64,13 +64,13 @@ class ComposeRequest:
         concepts = tuple(c if isinstance(c, ConceptRow) else ConceptRow(**c) for c in self.concepts)
         object.__setattr__(self, "concepts", concepts)
         if not concepts:
-            raise ValueError("LoRACLR composition: add at least one row with a LoRA and its words in the prompt")
+            raise ValueError("add at least one row with a LoRA and its words in the prompt")
         for row in concepts:
             if not row.lora or not row.words.strip():
-                raise ValueError(f"LoRACLR composition: row {row.lora or '(no LoRA)'!r} needs both a LoRA and its words")
+                raise ValueError(f"row {row.lora or '(no LoRA)'!r} needs both a LoRA and its words")
         names = [row.lora for row in concepts] + ([self.style] if self.style else [])
         if len(set(names)) != len(names):
-            raise ValueError("LoRACLR composition: each LoRA may appear only once (subjects and style)")
+            raise ValueError("each LoRA may appear only once (subjects and style)")
 
     def to_dict(self) -> dict:
         settings = {name: getattr(self.settings, name) for name in USER_SETTINGS}
@@ -89,12 +89,12 @@ class ComposeRequest:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"LoRACLR composition: unknown key(s) {unknown}; known: {sorted(known)}")
+            raise ValueError(f"unknown key(s) {unknown}; known: {sorted(known)}")
         values = dict(values)
         settings = dict(values.pop("settings", {}) or {})
         bad = sorted(set(settings) - set(USER_SETTINGS))
         if bad:
-            raise ValueError(f"LoRACLR composition: unknown setting(s) {bad}; known: {list(USER_SETTINGS)}")
+            raise ValueError(f"unknown setting(s) {bad}; known: {list(USER_SETTINGS)}")
         rows = tuple(ConceptRow(**row) for row in values.pop("concepts", ()))
         return cls(rows, settings=ComposeSettings.from_mapping(settings), **values)
 
@@ -113,7 +113,7 @@ class ComposeRequest:
         by_words = {row.words.strip().lower(): i for i, row in enumerate(self.concepts)}
         missing = [w for w in words if w not in by_words]
         if missing:
-            raise ValueError(f"LoRACLR composition: style limited to {missing}, which are not subjects' words")
+            raise ValueError(f"style limited to {missing}, which are not subjects' words")
         return sorted(by_words[w] for w in words)
 
 
@@ -155,13 +155,13 @@ class ComposeSession:
         names = [row.lora for row in request.concepts] + ([request.style] if request.style else [])
         missing = [name for name in names if name not in lora_paths]
         if missing:
-            raise FileNotFoundError(f"LoRACLR composition: LoRA(s) {missing} not found in the LoRA folder (refresh the list?)")
+            raise FileNotFoundError(f"LoRA(s) {missing} not found in the LoRA folder (refresh the list?)")
         self.model = model
         self.request = request
         self.loras = [read(lora_paths[name]) for name in names]
         for name, lora in zip(names, self.loras):
             if lora.arch and lora.arch != model.arch:
-                raise ValueError(f"LoRACLR composition: {name} is an {lora.arch} LoRA but the loaded model is {model.arch}")
+                raise ValueError(f"{name} is an {lora.arch} LoRA but the loaded model is {model.arch}")
         concepts = [LoraConcept(row.words.strip(), row.trigger.strip() or None) for row in request.concepts]
         self.plan = plan_concepts(prompts[0], concepts, model.tokenizer)
         style_groups = {len(concepts): request.style_groups()} if request.style else {}

@@ -71,7 +71,7 @@ class FeatureCollector:
                 return
             # Forge runs its text encoder under inference_mode: the statistics must stay
             # ordinary tensors, or their in-place accumulation fails outside it.
-            with torch.no_grad(), torch.inference_mode(False):
+            with torch.inference_mode(False), torch.no_grad():
                 x_rows = input_rows(module, args[0].detach()).float()
                 y_rows = output_rows(module, output.detach()).float()
                 batch = x_rows.shape[0]
@@ -119,12 +119,12 @@ def weights_added(targets: dict[str, nn.Module], deltas: dict[str, torch.Tensor]
     try:
         for name, delta in deltas.items():
             weight = targets[name].weight
-            with torch.no_grad(), torch.inference_mode(weight.is_inference()):
+            with torch.inference_mode(weight.is_inference()), torch.no_grad():
                 originals[name] = weight.detach().clone()
                 weight.add_(delta.reshape(weight.shape).to(weight.device, weight.dtype))
         yield
     finally:
         for name, original in originals.items():
             weight = targets[name].weight
-            with torch.no_grad(), torch.inference_mode(weight.is_inference()):
+            with torch.inference_mode(weight.is_inference()), torch.no_grad():
                 weight.copy_(original)

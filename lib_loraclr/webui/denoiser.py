@@ -52,7 +52,7 @@ class ComposeDenoiser(ABC):
         if funcname not in ONE_EVALUATION_PER_STEP:
             label = getattr(getattr(sampler, "config", None), "name", funcname)
             raise ValueError(
-                f"LoRACLR composition does not support the sampler {label!r}: it needs one model "
+                f"the sampler {label!r} is not supported: it needs one model "
                 f"evaluation per step ({SUPPORTED_LABELS})"
             )
         self.sampler = sampler
