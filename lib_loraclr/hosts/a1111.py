@@ -21,11 +21,11 @@ import sys
 import torch
 from torch import nn
 
-from ..lora.keys import ldm_to_diffusers_unet
-from ..model import Conditioning, ModelAccess
-from ..runtime import is_adaptable, is_linear
+from ..model import Conditioning
+from ..runtime import is_linear
 from ..webui.denoiser import ComposeDenoiser, StepInput, kdiffusion_scale
 from ..webui.host import WebUIHost
+from .webui_model import WebUIModel
 
 _OPEN_CLIP_LAYERS = {"mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2", "attn.out_proj": "self_attn.out_proj"}
 _OPEN_CLIP_PATH = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
@@ -42,88 +42,43 @@ def _open_clip_targets(model: nn.Module, component: str) -> dict[str, nn.Module]
     return found
 
 
-def _hf_clip_targets(transformer: nn.Module, component: str) -> dict[str, nn.Module]:
-    return {
-        f"{component}.{path}": module
-        for path, module in transformer.named_modules()
-        if path.startswith("text_model.") and is_adaptable(module)
-    }
-
-
-class A1111Model(ModelAccess):
+class A1111Model(WebUIModel):
     """``shared.sd_model`` of A1111 (SD1 / SDXL).
 
-    ``encode`` is the host's own ``get_learned_conditioning`` (emphasis, clip skip and
-    embeddings as in a generation); ``unet_eps`` is ``apply_model``, converted to noise for
-    v-prediction checkpoints.
+    ``unet_eps`` is ``apply_model``, converted to noise for v-prediction checkpoints.
     """
 
     def __init__(self, sd_model):
         if getattr(sd_model, "is_sdxl", False):
             self.arch = "sdxl"
             embedders = sd_model.conditioner.embedders
-            self._text_encoders = {"text_encoder": embedders[0].wrapped.transformer}
+            self.text_encoders = {"text_encoder": embedders[0].wrapped.transformer}
             self._open_clip = {"text_encoder_2": embedders[1].wrapped.model}
             self._tokenizer = embedders[0].wrapped.tokenizer
         elif getattr(sd_model, "is_sd2", False):
             raise ValueError("SD2 checkpoints are not supported by LoRACLR in AUTOMATIC1111; load an SD1.x or SDXL model")
         else:
             self.arch = "sd1"
-            self._text_encoders = {"text_encoder": sd_model.cond_stage_model.wrapped.transformer}
+            self.text_encoders = {"text_encoder": sd_model.cond_stage_model.wrapped.transformer}
             self._open_clip = {}
             self._tokenizer = sd_model.cond_stage_model.wrapped.tokenizer
         self.sd_model = sd_model
         self.unet = sd_model.model.diffusion_model
         self.latent_channels = getattr(sd_model, "latent_channels", 4)
-        self._targets: dict[str, nn.Module] | None = None
-        self.image_size: tuple[int, int] | None = None  # (height, width) a generation asks for
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
     @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    @property
     def alphas_cumprod(self) -> torch.Tensor:
         return self.sd_model.alphas_cumprod.detach().float().cpu()
 
-    def targets(self) -> dict[str, nn.Module]:
-        if self._targets is None:
-            found = {
-                f"unet.{ldm_to_diffusers_unet(path)}": module
-                for path, module in self.unet.named_modules()
-                if is_adaptable(module)
-            }
-            for component, transformer in self._text_encoders.items():
-                found.update(_hf_clip_targets(transformer, component))
-            for component, model in self._open_clip.items():
-                found.update(_open_clip_targets(model, component))
-            self._targets = found
-        return self._targets
-
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return self._tokenizer(
-            list(prompts), padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-        ).input_ids
-
-    def encode(self, prompts: list[str]) -> Conditioning:
-        batch = list(prompts)
-        if self.arch == "sdxl" and self.image_size is not None:
-            from modules.prompt_parser import SdConditioning
-
-            height, width = self.image_size
-            batch = SdConditioning(batch, width=width, height=height)  # SDXL's size conditioning
-        cond = self.sd_model.get_learned_conditioning(batch)
-        if isinstance(cond, dict):
-            return Conditioning(cond["crossattn"], cond["vector"])
-        return Conditioning(cond)
+    def extra_targets(self) -> dict[str, nn.Module]:
+        found = {}
+        for component, model in self._open_clip.items():
+            found.update(_open_clip_targets(model, component))
+        return found
 
     def condition_dict(self, cond: Conditioning, image_cond: torch.Tensor | None = None) -> dict:
         """The ``cond`` argument of ``apply_model`` / the k-diffusion wrappers, as CFGDenoiser builds it."""

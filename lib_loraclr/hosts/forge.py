@@ -15,19 +15,17 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch import nn
 
 from ..frozen_grad import GradThroughFrozen
-from ..lora.keys import ldm_to_diffusers_unet
-from ..model import Conditioning, ModelAccess
-from ..runtime import is_adaptable
+from ..model import Conditioning
 from ..webui.denoiser import ComposeDenoiser, StepInput, kdiffusion_scale
 from ..webui.host import WebUIHost
+from .webui_model import WebUIModel
 
 _TEXT_ENCODERS = (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"))
 
 
-class ForgeModel(ModelAccess):
+class ForgeModel(WebUIModel):
     """``sd_model`` of Forge (SD1 / SD2 / SDXL; Flux and SD3 are refused)."""
 
     def __init__(self, sd_model):
@@ -45,67 +43,24 @@ class ForgeModel(ModelAccess):
         self.unet = objects.unet.model.diffusion_model
         clip = objects.clip
         self.clip_patcher = clip.patcher
-        self._text_encoders = {
+        self.text_encoders = {
             component: getattr(clip.cond_stage_model, name).transformer
             for name, component in _TEXT_ENCODERS
             if getattr(clip.cond_stage_model, name, None) is not None
         }
         tokenizers = clip.tokenizer
         self._tokenizer = getattr(tokenizers, "clip_l", None) or getattr(tokenizers, "clip_h", None)
-        if "text_encoder" not in self._text_encoders and getattr(clip.cond_stage_model, "clip_h", None) is not None:
-            self._text_encoders["text_encoder"] = clip.cond_stage_model.clip_h.transformer
+        if "text_encoder" not in self.text_encoders and getattr(clip.cond_stage_model, "clip_h", None) is not None:
+            self.text_encoders["text_encoder"] = clip.cond_stage_model.clip_h.transformer
         self.latent_channels = 4
-        self._targets: dict[str, nn.Module] | None = None
-        self.image_size: tuple[int, int] | None = None  # (height, width) a generation asks for
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
         return self.unet_patcher.model.computation_dtype
 
     @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    @property
     def alphas_cumprod(self) -> torch.Tensor:
         return self.unet_patcher.model.predictor.alphas_cumprod.detach().float().cpu()
-
-    def targets(self) -> dict[str, nn.Module]:
-        if self._targets is None:
-            found = {
-                f"unet.{ldm_to_diffusers_unet(path)}": module
-                for path, module in self.unet.named_modules()
-                if is_adaptable(module)
-            }
-            for component, transformer in self._text_encoders.items():
-                found.update({
-                    f"{component}.{path}": module
-                    for path, module in transformer.named_modules()
-                    if path.startswith("text_model.") and is_adaptable(module)
-                })
-            self._targets = found
-        return self._targets
-
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return self._tokenizer(
-            list(prompts), padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-        ).input_ids
-
-    def encode(self, prompts: list[str]) -> Conditioning:
-        batch = list(prompts)
-        if self.arch == "sdxl" and self.image_size is not None:
-            from modules.prompt_parser import SdConditioning
-
-            height, width = self.image_size
-            batch = SdConditioning(batch, width=width, height=height)
-        cond = self.sd_model.get_learned_conditioning(batch)
-        if isinstance(cond, dict):
-            return Conditioning(cond["crossattn"], cond["vector"])
-        return Conditioning(cond)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x0 from the k-diffusion latent ``x`` (noise scale ``sigma``), Forge's own way."""

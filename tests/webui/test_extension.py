@@ -93,7 +93,7 @@ def model_hooks(host):
     """
     model = our_model()
     found = []
-    for root in [model.unet, *model._text_encoders.values()]:
+    for root in [model.unet, *model.text_encoders.values()]:
         for name, module in root.named_modules():
             if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
                 found.append((name, tuple(module._forward_hooks.values()), tuple(module._forward_pre_hooks.values()),
