@@ -40,10 +40,6 @@ MERGE_FIELDS = (
 )
 
 
-def _defaults() -> MergeSettings:
-    return MergeSettings()
-
-
 def visible_loras(host: WebUIHost, search: str, all_archs: bool) -> list[str]:
     """The host's LoRA names matching ``search``, hiding other architectures unless asked."""
     arch = None
@@ -86,12 +82,13 @@ def concept_rows(host: WebUIHost, names: list[str], current: list[list]) -> list
 def merge_request_from_ui(rows, method, output, rank, overwrite, advanced: dict) -> MergeRequest:
     rows = [row for row in rows or [] if row and str(row[0]).strip()]
     settings = {"method": method, "rank": int(rank) if rank else None}
+    kinds = {name: kind for name, _label, kind in MERGE_FIELDS}
     for name, value in advanced.items():
         if name == "capture_size":
             value = int(value) or None
         elif name == "clamp_quantile":
             value = float(value) or None
-        elif isinstance(getattr(_defaults(), name), int) and not isinstance(getattr(_defaults(), name), bool):
+        elif kinds[name] == "int":
             value = int(value)
         settings[name] = value
     return MergeRequest(
@@ -141,7 +138,7 @@ def build_merge_tab(service: MergeService, *, method: str = "loraclr", show_all_
     import gradio as gr
 
     host = service.host
-    defaults = _defaults()
+    defaults = MergeSettings()
     with gr.Blocks(analytics_enabled=False) as tab:
         job_id = gr.State("")
         gr.Markdown(
