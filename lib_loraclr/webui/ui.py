@@ -21,6 +21,8 @@ from .merge_service import MergeRequest, MergeService
 MAX_CONCEPT_ROWS = 4  # composition rows in the txt2img script
 INFOTEXT_KEY = "LoRACLR"
 POLL_SECONDS = 0.5
+CONCEPT_HEADERS = ["LoRA", "Trigger words", "Weight"]
+REPORT_HEADERS = ["Concept", "Method", "Retention", "Crosstalk", "Error"]
 
 # Advanced merge settings shown in the tab: (field, label, kind).
 MERGE_FIELDS = (
@@ -151,7 +153,7 @@ def build_merge_tab(service: MergeService, *, method: str = "loraclr", show_all_
             refresh = gr.Button("Refresh list", elem_id="loraclr_refresh")
         picked = gr.Dropdown(label="LoRAs to merge", choices=[], multiselect=True, elem_id="loraclr_picked")
         table = gr.Dataframe(
-            headers=["LoRA", "Trigger words", "Weight"], datatype=["str", "str", "number"], type="array",
+            headers=CONCEPT_HEADERS, datatype=["str", "str", "number"], type="array",
             label="Concepts (edit the trigger words: each LoRA needs its own)", interactive=True,
             col_count=(3, "fixed"), elem_id="loraclr_concepts",
         )
@@ -176,7 +178,7 @@ def build_merge_tab(service: MergeService, *, method: str = "loraclr", show_all_
             cancel = gr.Button("Cancel", elem_id="loraclr_cancel")
         status = gr.HTML(status_html(service.latest()), elem_id="loraclr_status")
         report = gr.Dataframe(
-            headers=["Concept", "Method", "Retention", "Crosstalk", "Error"], type="array",
+            headers=REPORT_HEADERS, type="array",
             label="Quality report (retention near 1 and low crosstalk are good)", interactive=False,
             elem_id="loraclr_report",
         )
@@ -193,7 +195,9 @@ def build_merge_tab(service: MergeService, *, method: str = "loraclr", show_all_
         all_archs.change(list_update, [search, all_archs], [picked])
         refresh.click(on_refresh, [search, all_archs], [picked])
         tab.load(list_update, [search, all_archs], [picked])
-        picked.change(lambda names, rows: concept_rows(host, names, rows), [picked, table], [table])
+        # a dict keeps the headers: gradio 3.41 numbers the columns of a bare list
+        picked.change(lambda names, rows: {"headers": CONCEPT_HEADERS, "data": concept_rows(host, names, rows)},
+                      [picked, table], [table])
 
         advanced_names = list(advanced)
 
@@ -204,17 +208,17 @@ def build_merge_tab(service: MergeService, *, method: str = "loraclr", show_all_
                 )
                 new_id = service.start(request)
             except Exception as error:
-                yield "", error_html(error), [], ""
+                yield "", error_html(error), gr.update(), ""
                 return
             while True:
                 current = service.status(new_id)
                 progress(current.percent / 100.0, desc=f"{current.stage} {current.layer}".strip())
                 if current.state != "running":
                     break
-                yield new_id, status_html(current), [], "\n".join(current.log)
+                yield new_id, status_html(current), gr.update(), "\n".join(current.log)
                 time.sleep(POLL_SECONDS)
-            rows_out = report_rows(current.result) if current.result else []
-            yield new_id, status_html(current), rows_out, "\n".join(current.log)
+            report_table = {"headers": REPORT_HEADERS, "data": report_rows(current.result) if current.result else []}
+            yield new_id, status_html(current), report_table, "\n".join(current.log)
 
         def on_cancel(current_id):
             if not current_id:
