@@ -68,6 +68,7 @@ def merge_to_file(
         """Quality of the deltas exactly as stored, for the metadata and the report."""
         if not result.stats:
             return {}
+        progress.update("write", 1, 2, message="measuring the quality of the written LoRA")
         reports[settings.method] = quality(result.stats, result.stage_of, result.concept_deltas, written_deltas, names)
         if settings.method != "sum":
             sum_deltas = {t: solve_sum(None, d)[0] for t, d in result.concept_deltas.items()}

@@ -151,7 +151,8 @@ def build_merge_tab(service: MergeService, *, method: str = "loraclr", show_all_
             search = gr.Textbox(label="Search LoRAs", placeholder="filter by name", elem_id="loraclr_search")
             all_archs = gr.Checkbox(label="Show LoRAs of other architectures", value=show_all_archs)
             refresh = gr.Button("Refresh list", elem_id="loraclr_refresh")
-        picked = gr.Dropdown(label="LoRAs to merge", choices=[], multiselect=True, elem_id="loraclr_picked")
+        picked = gr.Dropdown(label="LoRAs to merge", choices=visible_loras(host, "", show_all_archs), multiselect=True,
+                             elem_id="loraclr_picked")
         table = gr.Dataframe(
             headers=CONCEPT_HEADERS, datatype=["str", "str", "number"], type="array",
             label="Concepts (edit the trigger words: each LoRA needs its own)", interactive=True,
@@ -195,6 +196,7 @@ def build_merge_tab(service: MergeService, *, method: str = "loraclr", show_all_
         all_archs.change(list_update, [search, all_archs], [picked])
         refresh.click(on_refresh, [search, all_archs], [picked])
         tab.load(list_update, [search, all_archs], [picked])
+        tab.load(lambda: status_html(service.latest()), [], [status])  # a reloaded page shows the running job
         # a dict keeps the headers: gradio 3.41 numbers the columns of a bare list
         picked.change(lambda names, rows: {"headers": CONCEPT_HEADERS, "data": concept_rows(host, names, rows)},
                       [picked, table], [table])
