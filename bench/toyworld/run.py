@@ -1,0 +1,259 @@
+"""The toy-world quality benchmark: single LoRA vs stacking vs merges vs CLoRA, by concept count.
+
+    python -m bench.toyworld.run [--counts 2,3,4,6,8] [--seeds 2] [--out out/toyworld]
+                                 [--methods stack,svd,lsq,loraclr,clora] [--steps 20]
+
+For each count N, the first N concepts of ``world.CONCEPTS`` are loaded together:
+- stack: all N LoRAs applied at once (plain stacking; what a WebUI does with N <lora:> tags);
+- svd / lsq / loraclr: the N LoRAs merged into one file by ``lib_loraclr.merge.pipeline.merge_to_file``;
+- clora: CLoRA composition (``CLoRAPipeline``) with the LoRAs of the concepts the prompt names
+  (multi-concept prompts only; with one concept it is that LoRA alone).
+Prompts (each with every seed 0..S-1):
+- single-concept: "a <t>" and "a <t> and a <plain object>" for each loaded concept; the
+  single-LoRA reference is the concept's own LoRA alone on the same prompts and seeds;
+- multi-concept: "a <t_i> and a <t_j>" for consecutive pairs of the loaded concepts.
+Images are judged by ``judge.score``: recall, fidelity, exact, bleeding (wrong attribute
+values that belong to another loaded concept), alignment (the prompt's plain object and
+the background). Writes table.txt, results.json, plot.png and grid.png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from lib_loraclr.compose.concepts import LoraConcept
+from lib_loraclr.compose.pipeline import CLoRAPipeline
+from lib_loraclr.compose.settings import ComposeSettings
+from lib_loraclr.hosts.diffusers import load_base
+from lib_loraclr.lora.reader import read_lora
+from lib_loraclr.merge.engine import Concept as MergeConcept
+from lib_loraclr.merge.objective import MergeSettings
+from lib_loraclr.merge.pipeline import merge_to_file
+from lib_loraclr.runtime import LoraRuntime
+
+from .generate import GUIDANCE, STEPS, generate
+from .judge import score
+from .model import latents_to_images
+from .train_base import DEFAULT_OUT as BASE_DIR
+from .train_loras import LORA_DIR
+from .world import COLOURS, CONCEPTS, SHAPES, SIZE, Concept
+
+METHODS = ("stack", "svd", "lsq", "loraclr", "clora")
+MERGES = ("svd", "lsq", "loraclr")
+METRICS = ("recall", "fidelity", "exact", "bleeding", "alignment")
+
+
+def plain_object(concept: Concept) -> dict:
+    """A fixed plain object for "a <t> and a <object>" prompts, sharing no attribute with the concept."""
+    shape = SHAPES[(SHAPES.index(concept.shape) + 2) % len(SHAPES)]
+    colour = list(COLOURS)[(list(COLOURS).index(concept.colour) + 3) % len(COLOURS)]
+    pattern = "striped" if concept.pattern == "solid" else "solid"
+    return {"shape": shape, "colour": colour, "pattern": pattern}
+
+
+def phrase(obj: dict) -> str:
+    return " ".join([obj["colour"]] + (["striped"] if obj["pattern"] == "striped" else []) + [obj["shape"]])
+
+
+def single_prompts(index: int) -> list[dict]:
+    concept = CONCEPTS[index]
+    me = {**concept.attributes(), "concept": True}
+    other = plain_object(concept)
+    return [
+        {"prompt": f"a {concept.trigger}", "concepts": [index], "wanted": [me]},
+        {"prompt": f"a {concept.trigger} and a {phrase(other)}", "concepts": [index], "wanted": [me, other]},
+    ]
+
+
+def pair_prompts(count: int) -> list[dict]:
+    pairs = [(0, 1)] if count == 2 else [(k, (k + 1) % count) for k in range(count)]
+    return [{"prompt": f"a {CONCEPTS[i].trigger} and a {CONCEPTS[j].trigger}", "concepts": [i, j],
+             "wanted": [{**CONCEPTS[i].attributes(), "concept": True}, {**CONCEPTS[j].attributes(), "concept": True}]}
+            for i, j in pairs]
+
+
+def judge_all(images, jobs, loaded: list[int]) -> list[dict]:
+    rows = []
+    for image, job in zip(images, jobs):
+        others = [CONCEPTS[k].attributes() for k in loaded if k not in job["concepts"]]
+        result = score(image, job["wanted"], other_concepts=others)
+        rows.append({"prompt": job["prompt"], "seed": job["seed"], **{m: result[m] for m in METRICS},
+                     "found": result["found"]})
+    return rows
+
+
+def mean_scores(rows: list[dict]) -> dict:
+    return {m: round(float(np.mean([r[m] for r in rows if r[m] is not None])), 4) for m in METRICS} | {
+        "images": len(rows)}
+
+
+def expand(prompts: list[dict], seeds: int) -> list[dict]:
+    return [{**p, "seed": s} for p in prompts for s in range(seeds)]
+
+
+def generate_with(model, loras, jobs, steps):
+    if not jobs:
+        return np.zeros((0, SIZE, SIZE, 3), np.uint8)
+    with LoraRuntime(model.targets(), loras):
+        return generate(model, [j["prompt"] for j in jobs], [j["seed"] for j in jobs], steps=steps)
+
+
+def clora_images(model, lora_files, jobs, steps, settings):
+    pipeline = CLoRAPipeline(model)
+    images = []
+    for job in jobs:
+        concepts = [LoraConcept(CONCEPTS[k].trigger) for k in job["concepts"]]
+        result = pipeline(job["prompt"], concepts, [lora_files[k] for k in job["concepts"]], steps=steps,
+                          seed=job["seed"], height=SIZE, width=SIZE, settings=settings, decode=False)
+        images.append(latents_to_images(result.latents)[0])
+    return np.stack(images)
+
+
+def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), seeds: int = 2,
+        methods=METHODS, steps: int = STEPS, out: str | None = None, log=print,
+        clora_refine_iters: int = 4, capture_steps: int = 20) -> dict:
+    started = time.time()
+    model = load_base(base)
+    needed = max(counts)
+    lora_files = [read_lora(os.path.join(lora_dir, f"{c.trigger}.safetensors")) for c in CONCEPTS[:needed]]
+    # maps at 8x8 (the UNet's first level); the paper's 20 refinement iterations cost too much CPU time
+    clora_settings = ComposeSettings(attention_res_divisor=SIZE // 8, guidance_scale=GUIDANCE,
+                                     refinement_iters=clora_refine_iters)
+    images_for_grid: dict = {}
+
+    # the single-LoRA reference: each concept's LoRA alone on its own prompts
+    reference_images = {}
+    for k in range(needed):
+        jobs = expand(single_prompts(k), seeds)
+        reference_images[k] = (jobs, generate_with(model, [lora_files[k]], jobs, steps))
+    log(f"single-LoRA references: {time.time() - started:.0f}s")
+
+    results = {"settings": {"counts": list(counts), "seeds": seeds, "methods": list(methods), "steps": steps,
+                            "guidance": GUIDANCE, "clora_refinement_iters": clora_refine_iters, "base": base, "concepts": [c.__dict__ for c in CONCEPTS[:needed]]},
+               "by_count": {}}
+    with tempfile.TemporaryDirectory() as scratch:
+        for count in counts:
+            loaded = list(range(count))
+            single_jobs = [j for k in loaded for j in reference_images[k][0]]
+            pair_jobs = expand(pair_prompts(count), seeds)
+            entry = {"single": {"single_prompts": mean_scores(judge_all(
+                np.concatenate([reference_images[k][1] for k in loaded]), single_jobs, loaded))}}
+            grid = {"single": np.concatenate([reference_images[k][1] for k in loaded])}
+            for method in methods:
+                t0 = time.time()
+                info = {}
+                if method == "clora":
+                    single_rows = None
+                    pair_images = clora_images(model, lora_files, pair_jobs, steps, clora_settings)
+                    all_images = pair_images
+                else:
+                    if method == "stack":
+                        loras = lora_files[:count]
+                    else:
+                        path = os.path.join(scratch, f"{method}_{count}.safetensors")
+                        summary = merge_to_file(
+                            model, [MergeConcept(lora_files[k], CONCEPTS[k].trigger) for k in loaded],
+                            MergeSettings(method=method, capture_size=SIZE, capture_steps=capture_steps), path, overwrite=True)
+                        info["merge_seconds"] = round(summary["seconds"]["total"], 1)
+                        info["ranks"] = sorted(set(summary["ranks"].values()))
+                        loras = [read_lora(path)]
+                    all_images = generate_with(model, loras, single_jobs + pair_jobs, steps)
+                    single_rows = judge_all(all_images[:len(single_jobs)], single_jobs, loaded)
+                    pair_images = all_images[len(single_jobs):]
+                pair_rows = judge_all(pair_images, pair_jobs, loaded)
+                entry[method] = {**info, "pair_prompts": mean_scores(pair_rows),
+                                 "seconds": round(time.time() - t0, 1)}
+                if single_rows is not None:
+                    entry[method]["single_prompts"] = mean_scores(single_rows)
+                grid[method] = (all_images[:len(single_jobs)] if method != "clora" else None, pair_images)
+                log(f"N={count} {method}: {time.time() - t0:.0f}s")
+            results["by_count"][str(count)] = entry
+            images_for_grid[count] = (single_jobs, pair_jobs, grid)
+            if out:  # partial results after every count, so a long run can be read while it goes
+                _write(results, out, partial=True)
+    results["seconds"] = round(time.time() - started, 1)
+    results["table"] = format_table(results)
+    if out:
+        _write(results, out)
+        from .plots import image_grid, score_plot
+
+        score_plot(results, os.path.join(out, "plot.png"))
+        last = max(images_for_grid)
+        image_grid(*images_for_grid[last], seeds, os.path.join(out, "grid.png"), count=last)
+    return results
+
+
+def _write(results: dict, out: str, partial: bool = False) -> None:
+    os.makedirs(out, exist_ok=True)
+    table = format_table(results) if partial else results["table"]
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump({**results, "partial": partial}, f, indent=1)
+    with open(os.path.join(out, "table.txt"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+
+
+def _cell(reference, value):
+    return f"{reference:.2f}->{value:.2f} ({value - reference:+.2f})"
+
+
+def format_table(results: dict) -> str:
+    methods = [m for m in results["settings"]["methods"]]
+    merged = [m for m in methods if m != "clora"]
+    lines = ["Single-concept prompts: fidelity (share of the concept's shape/colour/pattern right), "
+             "single LoRA -> method (difference)",
+             "| N | " + " | ".join(merged) + " |", "|---|" + "---|" * len(merged)]
+    for count, entry in results["by_count"].items():
+        ref = entry["single"]["single_prompts"]["fidelity"]
+        lines.append(f"| {count} | " + " | ".join(_cell(ref, entry[m]["single_prompts"]["fidelity"]) for m in merged) + " |")
+    lines += ["", "Single-concept prompts: alignment (plain object + background), single LoRA -> method",
+              "| N | " + " | ".join(merged) + " |", "|---|" + "---|" * len(merged)]
+    for count, entry in results["by_count"].items():
+        ref = entry["single"]["single_prompts"]["alignment"]
+        lines.append(f"| {count} | " + " | ".join(_cell(ref, entry[m]["single_prompts"]["alignment"]) for m in merged) + " |")
+    lines += ["", "Two-concept prompts \"a <t_i> and a <t_j>\": fidelity / recall / bleeding "
+              "(single LoRA column: the concepts' own fidelity on their single prompts)",
+              "| N | single | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for count, entry in results["by_count"].items():
+        ref = entry["single"]["single_prompts"]["fidelity"]
+        cells = [f"{entry[m]['pair_prompts']['fidelity']:.2f} / {entry[m]['pair_prompts']['recall']:.2f} / "
+                 f"{entry[m]['pair_prompts']['bleeding']:.2f}" for m in methods]
+        lines.append(f"| {count} | {ref:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default=BASE_DIR)
+    parser.add_argument("--loras", default=LORA_DIR)
+    parser.add_argument("--counts", default="2,3,4,6,8")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--out", default=os.path.join("out", "toyworld"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clora-refine-iters", type=int, default=4,
+                        help="CLoRA refinement iterations at its refinement steps (paper: 20; 4 keeps CPU time sane)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    counts = [int(c) for c in args.counts.split(",")]
+    if min(counts) < 2 or max(counts) > len(CONCEPTS):
+        parser.error(f"counts must be between 2 and {len(CONCEPTS)}")
+    results = run(args.base, args.loras, counts, args.seeds, methods, args.steps, args.out,
+                  log=lambda m: print(m, flush=True), clora_refine_iters=args.clora_refine_iters)
+    print(results["table"])
+    print(f"wrote {args.out}/results.json, table.txt, plot.png, grid.png ({results['seconds']:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Train the toy world's concept and style LoRAs on the committed base model.
+
+    python -m bench.toyworld.train_loras [--steps 150] [--batch 16] [--only zorb,quib] [--device cpu]
+
+Each concept LoRA sees only images of its concept alone, captioned "a <trigger>"; each style
+LoRA sees random plain scenes drawn in its style, captioned "<caption>, <style words>". LoRA
+layers: every attention and MLP linear of the text encoder, and to_q/to_k/to_v/to_out.0 of
+every UNet attention (self and cross), rank 4, alpha 4. Files are written in kohya format by
+``lib_loraclr.lora.writer.write_kohya_lora`` (exact at the trained rank) with an A1111 sidecar
+naming the trigger, to ``bench/toyworld/assets/loras/<name>.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from lib_loraclr.hosts.diffusers import load_base
+from lib_loraclr.lora.writer import write_kohya_lora, write_sidecar
+
+from .model import images_to_tensor
+from .train_base import DEFAULT_OUT as BASE_DIR, diffusion_loss, lr_at, token_ids
+from .world import CONCEPTS, STYLES, concept_example, style_example
+
+LORA_DIR = os.path.join(os.path.dirname(__file__), "assets", "loras")
+UNET_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0")
+TE_SUFFIXES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def lora_targets(model) -> dict[str, nn.Linear]:
+    found = {}
+    for name, module in model.targets().items():
+        if not isinstance(module, nn.Linear):
+            continue
+        if name.startswith("unet.") and (".attn1." in name or ".attn2." in name) and name.endswith(UNET_SUFFIXES):
+            found[name] = module
+        elif name.startswith("text_encoder.") and name.endswith(TE_SUFFIXES):
+            found[name] = module
+    return found
+
+
+class TrainableLora:
+    """down/up factors hooked onto linear layers: y += (alpha / rank) * up(down(x))."""
+
+    def __init__(self, targets: dict[str, nn.Linear], rank: int, alpha: float, generator: torch.Generator):
+        self.scale = alpha / rank
+        self.factors, self.handles = {}, []
+        for name, module in targets.items():
+            down = (torch.randn(rank, module.in_features, generator=generator) / module.in_features**0.5)
+            up = torch.zeros(module.out_features, rank)
+            down = down.to(module.weight.device).requires_grad_(True)
+            up = up.to(module.weight.device).requires_grad_(True)
+            self.factors[name] = (down, up)
+            self.handles.append(module.register_forward_hook(self._hook(down, up)))
+
+    def _hook(self, down, up):
+        def hook(module, args, output):
+            return output + self.scale * (args[0] @ down.t()) @ up.t()
+        return hook
+
+    def parameters(self):
+        return [p for pair in self.factors.values() for p in pair]
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        return {name: (self.scale * up @ down).detach().cpu() for name, (down, up) in self.factors.items()}
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def train_one(model, name: str, trigger: str, make_example, *, steps: int, batch: int, lr: float, rank: int,
+              seed: int, out_dir: str, description: str) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    for module in (model.unet, model.text_encoder):
+        module.requires_grad_(False)
+    lora = TrainableLora(lora_targets(model), rank, float(rank), generator)
+    optimizer = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=0.0)
+    alphas_cumprod = model.alphas_cumprod
+    started, losses = time.time(), []
+    try:
+        for step in range(steps):
+            examples = [make_example(seed * 10**6 + step * batch + i) for i in range(batch)]
+            clean = images_to_tensor(np.stack([e[0] for e in examples])).to(model.device)
+            ids = token_ids(model.tokenizer, [e[1] for e in examples])
+            loss = diffusion_loss(model.unet, model.text_encoder, ids, clean, alphas_cumprod, generator)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, steps, lr, 20)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+        deltas = lora.deltas()
+    finally:
+        lora.remove()
+    path = os.path.join(out_dir, f"{name}.safetensors")
+    metadata = {"ss_output_name": name, "ss_tag_frequency": json.dumps({"toyworld": {trigger: steps * batch}}),
+                "toyworld_trigger": trigger, "toyworld_steps": str(steps), "toyworld_seed": str(seed)}
+    write_kohya_lora(path, deltas, model.arch, rank=rank, clamp_quantile=None, metadata=metadata, overwrite=True)
+    write_sidecar(path, trigger, description=description, overwrite=True, arch=model.arch)
+    return {"name": name, "trigger": trigger, "seconds": round(time.time() - started, 1),
+            "final_loss": float(np.mean(losses[-50:])), "path": path}
+
+
+def quick_check(model, path: str, concept=None, style=None, count: int = 32) -> dict:
+    """Judge ``count`` images of the LoRA's own prompt (concept: "a <trigger>"; style: 2-object captions)."""
+    from lib_loraclr.lora.reader import read_lora
+    from lib_loraclr.runtime import LoraRuntime
+
+    from .generate import generate
+    from .judge import score
+    from .world import base_example
+
+    if concept is not None:
+        prompts = [f"a {concept.trigger}"] * count
+        wanted = [[{**concept.attributes(), "concept": True}]] * count
+    else:
+        examples = [base_example(800_000_000 + i) for i in range(count)]
+        prompts = [f"{e[1]}, {style.trigger}" for e in examples]
+        wanted = [[o.attributes() for o in e[2].objects] for e in examples]
+    with LoraRuntime(model.targets(), [read_lora(path)]):
+        images = generate(model, prompts, list(range(count)))
+    rows = [score(img, w, background=style.background if style else "black", hollow=style.hollow if style else False)
+            for img, w in zip(images, wanted)]
+    keys = ("recall", "fidelity", "exact", "alignment") if concept is not None else ("alignment", "count_ok")
+    return {k: round(float(np.mean([r[k] for r in rows])), 3) for k in keys}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default=BASE_DIR)
+    parser.add_argument("--out", default=LORA_DIR)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--only", default="", help="comma-separated LoRA names (default: all)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--check", type=int, default=32, help="images judged per LoRA after training (0: none)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    model = load_base(args.base, device=args.device)
+    only = set(filter(None, args.only.split(",")))
+    jobs = []
+    for index, concept in enumerate(CONCEPTS):
+        jobs.append((concept.trigger, concept.trigger, lambda s, i=index: concept_example(i, s),
+                     f"toy concept {concept.trigger}: {concept.colour} {concept.pattern} {concept.shape}"))
+    for style in STYLES:
+        name = style.trigger.replace(" ", "_")
+        jobs.append((name, style.trigger, lambda s, st=style: style_example(st, s), f"toy style: {style.trigger}"))
+    results = []
+    for number, (name, trigger, make, description) in enumerate(jobs):
+        if only and name not in only:
+            continue
+        result = train_one(model, name, trigger, make, steps=args.steps, batch=args.batch, lr=args.lr,
+                           rank=args.rank, seed=args.seed * 1000 + number, out_dir=args.out, description=description)
+        if args.check:
+            index = [c.trigger for c in CONCEPTS].index(trigger) if trigger in [c.trigger for c in CONCEPTS] else None
+            result["check"] = quick_check(model, result["path"], concept=CONCEPTS[index] if index is not None else None,
+                                          style=None if index is not None else STYLES[[s.trigger for s in STYLES].index(trigger)],
+                                          count=args.check)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    log_path = os.path.join(args.out, "training.json")
+    previous = {}
+    if os.path.isfile(log_path):
+        with open(log_path, encoding="utf-8") as f:
+            previous = json.load(f).get("loras", {})
+    settings = {k: v for k, v in vars(args).items() if k not in ("base", "out", "only")}
+    previous.update({r["name"]: {**{k: v for k, v in r.items() if k not in ("name", "path")}, "settings": settings}
+                     for r in results})
+    with open(log_path, "w", encoding="utf-8") as f:
+        json.dump({"loras": dict(sorted(previous.items()))}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The toy-world benchmark: scene generator, judge (on rendered scenes with known answers),
+the committed model and LoRAs, and a reduced benchmark run (so it cannot rot)."""
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+from bench.toyworld import judge, world
+from bench.toyworld.run import METHODS, run
+from bench.toyworld.train_base import DEFAULT_OUT as BASE_DIR
+from bench.toyworld.train_loras import LORA_DIR
+
+
+def test_scenes_are_deterministic_and_captioned():
+    a, b = world.base_example(7), world.base_example(7)
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+    assert not np.array_equal(a[0], world.base_example(8)[0])
+    image, text, scene = world.concept_example(0, 3)
+    assert text == "a zorb" and scene.objects[0].attributes() == world.CONCEPTS[0].attributes()
+    scene = world.Scene([world.Obj("circle", "red", "striped", x=2, y=2), world.Obj("square", "blue", x=18, y=16)])
+    assert world.caption(scene) == "a red striped circle and a blue square"
+    assert image.shape == (world.SIZE, world.SIZE, 3) and image.dtype == np.uint8
+
+
+def test_judge_reads_rendered_scenes():
+    for seed in range(60):
+        image, _, scene = world.base_example(seed)
+        background, found = judge.find_objects(image)
+        assert background == "black"
+        assert sorted(tuple(f.attributes().values()) for f in found) == sorted(
+            tuple(o.attributes().values()) for o in scene.objects), seed
+    for style in world.STYLES:
+        for seed in range(10):
+            image, _, scene = world.style_example(style, seed)
+            result = judge.score(image, [o.attributes() for o in scene.objects], background=style.background,
+                                 hollow=style.hollow)
+            assert result["alignment"] == 1.0 and result["count_ok"] == 1.0, (style, seed)
+
+
+def _concept(index):
+    return {**world.CONCEPTS[index].attributes(), "concept": True}
+
+
+def test_judge_scores_known_answers():
+    zorb, quib = world.CONCEPTS[0], world.CONCEPTS[1]  # red striped triangle, blue solid circle
+    right = world.Scene([zorb.as_object(x=2, y=4, size=11), quib.as_object(x=18, y=14, size=11)])
+    result = judge.score(world.render(right), [_concept(0), _concept(1)])
+    assert (result["recall"], result["fidelity"], result["exact"], result["bleeding"], result["alignment"]) == (
+        1.0, 1.0, 1.0, 0.0, 1.0)
+
+    # zorb drawn in quib's colour: one wrong attribute, and it is another concept's -> bleeding
+    bled = world.Scene([world.Obj("triangle", "blue", "striped", x=2, y=4, size=11), quib.as_object(x=18, y=14)])
+    result = judge.score(world.render(bled), [_concept(0), _concept(1)])
+    assert result["recall"] == 1.0 and result["fidelity"] == pytest.approx(5 / 6)
+    assert result["bleeding"] == pytest.approx(1 / 6) and result["exact"] == 0.5
+
+    # a wrong colour nobody asked for is an error but not bleeding
+    wrong = world.Scene([world.Obj("triangle", "green", "striped", x=2, y=4, size=11), quib.as_object(x=18, y=14)])
+    assert judge.score(world.render(wrong), [_concept(0), _concept(1)])["bleeding"] == 0.0
+    # ... unless a loaded concept that the prompt does not name has it
+    loaded = judge.score(world.render(wrong), [_concept(0), _concept(1)], other_concepts=[world.CONCEPTS[2].attributes()])
+    assert loaded["bleeding"] == pytest.approx(1 / 6)
+
+    # quib missing: recall 1/2; the plain object of the prompt missing: alignment drops
+    only_zorb = world.Scene([zorb.as_object(x=2, y=4)])
+    assert judge.score(world.render(only_zorb), [_concept(0), _concept(1)])["recall"] == 0.5
+    plain = {"shape": "square", "colour": "yellow", "pattern": "solid"}
+    assert judge.score(world.render(only_zorb), [_concept(0), plain])["alignment"] == 0.5
+    assert judge.score(world.render(world.Scene([])), [_concept(0)])["recall"] == 0.0
+
+
+assets = pytest.mark.skipif(not os.path.isfile(os.path.join(BASE_DIR, "model_index.json")),
+                            reason="toy-world model not built (python -m bench.toyworld.train_base)")
+
+
+@assets
+def test_committed_model_and_loras_load():
+    from lib_loraclr.hosts.diffusers import load_base
+    from lib_loraclr.lora.reader import read_lora
+
+    model = load_base(BASE_DIR)
+    assert model.arch == "sd1" and model.vae_scale_factor == 4
+    for concept in world.CONCEPTS:
+        lora = read_lora(os.path.join(LORA_DIR, f"{concept.trigger}.safetensors"))
+        assert lora.triggers[0] == concept.trigger
+        assert any(t.startswith("text_encoder.") for t in lora.modules)
+        assert any(t.endswith("attn2.to_k") for t in lora.modules)
+        assert set(lora.modules) <= set(model.targets())
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.dirname(BASE_DIR)) for f in fs)
+    assert total < 30 * 2**20
+
+
+@assets
+def test_reduced_benchmark_run(tmp_path):
+    started = time.time()
+    results = run(counts=(2,), seeds=1, methods=("stack", "loraclr", "clora"), steps=4, out=str(tmp_path),
+                  log=lambda m: None, clora_refine_iters=1, capture_steps=4)
+    entry = results["by_count"]["2"]
+    for method in ("single", "stack", "loraclr"):
+        assert 0.0 <= entry[method]["single_prompts"]["fidelity"] <= 1.0
+    assert entry["clora"]["pair_prompts"]["images"] == 1
+    assert "single LoRA -> method" in results["table"]
+    for name in ("results.json", "table.txt", "plot.png", "grid.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["counts"] == [2]
+    assert set(METHODS) == {"stack", "svd", "lsq", "loraclr", "clora"}
+    assert time.time() - started < 600  # ~4 min measured on the shared, fully loaded 2-core machine
