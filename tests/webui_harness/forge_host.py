@@ -26,6 +26,7 @@ import types
 import torch
 
 from webui_harness import ldm_tiny as _ldm_tiny
+from webui_harness.host import A1111Host
 
 HARNESS_DIR = os.path.dirname(os.path.abspath(__file__))
 FORGE_ROOT = os.path.join(HARNESS_DIR, "forge")
@@ -136,16 +137,9 @@ def build_tiny_forge_sd1(seed: int = 0):
     return model
 
 
-class ForgeHost:
-    def __init__(self, data_dir: str, *, seed: int = 0, threads: int | None = 1):
-        self.data_dir = os.path.abspath(data_dir)
-        self.lora_dir = os.path.join(self.data_dir, "models", "Lora")
-        self.seed = seed
-        self.threads = threads
-        self.script_paths: list[str] = []
-        self.ui_built = False
-        self.demo = None
-        self._saved = None
+class ForgeHost(A1111Host):
+    """The Forge stand-in: its own start/stop, model loading and layer lookups; scripts, UI and
+    generation driven as ``A1111Host`` does (Forge keeps those parts of A1111)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -256,119 +250,7 @@ class ForgeHost:
         from modules import scripts
         scripts.load_scripts([LORA_SCRIPT, *self.script_paths])
 
-    def _init_runners(self):
-        from modules import scripts
-        scripts.scripts_txt2img.initialize_scripts(is_img2img=False)
-        scripts.scripts_img2img.initialize_scripts(is_img2img=True)
-        scripts.scripts_current = scripts.scripts_txt2img
-        self.ui_built = False
-
-    def load_scripts(self, *paths: str):
-        """Like the WebUI's "reload scripts": script_unloaded callbacks, load sd_forge_lora + ``paths``,
-        model_loaded callbacks for the current model, before_ui, fresh runners."""
-        from modules import script_callbacks, shared
-        self.script_paths = [os.path.join(p, "scripts") if os.path.isdir(os.path.join(p, "scripts")) else p for p in paths]
-        script_callbacks.script_unloaded_callback()
-        self._load_scripts()
-        script_callbacks.model_loaded_callback(shared.sd_model)
-        script_callbacks.before_ui_callback()
-        self._init_runners()
-        return self.scripts_txt2img
-
-    @property
-    def scripts_txt2img(self):
-        from modules import scripts
-        return scripts.scripts_txt2img
-
-    def find_script(self, title_or_class):
-        for s in self.scripts_txt2img.scripts:
-            if s.__class__ is title_or_class or s.__class__.__name__ == title_or_class or s.title() == title_or_class:
-                return s
-        raise KeyError(title_or_class)
-
-    def build_ui(self):
-        """(gradio 4) ui_settings callbacks, a Blocks with the txt2img AlwaysVisible scripts' ui(False), ui_tabs callbacks."""
-        import gradio as gr
-        from modules import script_callbacks
-        script_callbacks.ui_settings_callback()
-        with gr.Blocks() as demo:
-            self.scripts_txt2img.prepare_ui()
-            self.scripts_txt2img.setup_ui()
-            tabs = script_callbacks.ui_tabs_callback()
-        self.demo = demo
-        self.ui_built = True
-        return demo, tabs
-
-    def app_started(self, demo=None):
-        from fastapi import FastAPI
-        from modules import script_callbacks
-        app = FastAPI()
-        script_callbacks.app_started_callback(demo if demo is not None else self.demo, app)
-        return app
-
-    def script_args(self, values: dict | None = None) -> list:
-        """p.script_args for txt2img (see A1111Host.script_args)."""
-        values = dict(values or {})
-        runner = self.scripts_txt2img
-        resolved = {self.find_script(k): list(v) for k, v in values.items()}
-        if self.ui_built:
-            args = [0] + [getattr(c, "value", None) for c in runner.inputs[1:]]
-            for script, v in resolved.items():
-                assert len(v) == script.args_to - script.args_from, f"{script.title()}: expected {script.args_to - script.args_from} args, got {len(v)}"
-                args[script.args_from:script.args_to] = v
-            return args
-        args = [0]
-        for script in runner.alwayson_scripts:
-            v = resolved.get(script, [])
-            script.args_from = len(args)
-            args += v
-            script.args_to = len(args)
-        return args
-
-    # ------------------------------------------------------------------ generation
-
-    def make_txt2img(self, prompt: str = "", negative_prompt: str = "", *, script_args=None, **kwargs):
-        from modules import processing, shared
-        params = dict(width=64, height=64, steps=3, sampler_name="Euler", seed=1, cfg_scale=7.0, batch_size=1, n_iter=1,
-                      do_not_save_samples=True, do_not_save_grid=True)
-        params.update(kwargs)
-        p = processing.StableDiffusionProcessingTxt2Img(sd_model=shared.sd_model, outpath_samples=os.path.join(self.data_dir, "outputs"),
-                                                       outpath_grids=os.path.join(self.data_dir, "outputs"), prompt=prompt,
-                                                       negative_prompt=negative_prompt, **params)
-        p.scripts = self.scripts_txt2img
-        p.script_args = tuple(script_args if script_args is not None else self.script_args())
-        return p
-
-    def run(self, p):
-        """modules.txt2img's core under the gradio call wrapper's bookkeeping (queue_lock, state)."""
-        from modules import call_queue, processing, shared
-        with call_queue.queue_lock:
-            shared.state.begin(job="txt2img")
-            try:
-                processed = p.scripts.run(p, *p.script_args) if p.scripts is not None else None
-                if processed is None:
-                    processed = processing.process_images(p)
-            finally:
-                p.close()
-                shared.state.end()
-                shared.state.skipped = False
-                shared.state.interrupted = False
-                shared.state.stopping_generation = False
-        return processed
-
-    def txt2img(self, prompt: str = "", negative_prompt: str = "", *, script_args=None, **kwargs):
-        return self.run(self.make_txt2img(prompt, negative_prompt, script_args=script_args, **kwargs))
-
-    # ------------------------------------------------------------------ helpers
-
-    @property
-    def shared(self):
-        from modules import shared
-        return shared
-
-    @property
-    def sd_model(self):
-        return self.shared.sd_model
+    # ------------------------------------------------------------------ helpers (the rest as A1111Host)
 
     @property
     def unet_patcher(self):
@@ -398,12 +280,3 @@ class ForgeHost:
         from backend import utils
         patcher, key = self.parameter_for_kohya_key(kohya_module_name)
         return utils.get_attr(patcher.model, key.rsplit(".", 1)[0])
-
-    def refresh_loras(self):
-        import networks
-        networks.list_available_networks()
-        return networks.available_networks
-
-    def errors(self):
-        from modules import errors
-        return list(errors.exception_records)
