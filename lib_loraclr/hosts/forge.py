@@ -108,12 +108,6 @@ class ForgeComposeDenoiser(ComposeDenoiser):
         return (x - prediction) / step_input.unet_sigma.view(-1, 1, 1, 1), prediction
 
 
-def _lora_loaders(sd_model):
-    """The LoRA loaders of the UNet and text encoder modules (one per module, shared by all patchers)."""
-    objects = sd_model.forge_objects
-    return [(patcher, patcher.lora_loader) for patcher in (objects.unet, objects.clip.patcher)]
-
-
 class ForgeHost(WebUIHost):
     """Forge 2.0: ``shared.sd_model.forge_objects``; LoRA list and queue lock as A1111's."""
 
@@ -126,11 +120,11 @@ class ForgeHost(WebUIHost):
     def base_model(self):
         model = self.model()
         model.load_to_device()
-        loaders = _lora_loaders(model.sd_model)
-        for patcher, loader in loaders:
-            loader.refresh(lora_patches={}, offload_device=patcher.offload_device)
+        patchers = (model.unet_patcher, model.clip_patcher)  # each patcher's lora_loader is its module's own
+        for patcher in patchers:
+            patcher.lora_loader.refresh(lora_patches={}, offload_device=patcher.offload_device)
         try:
             yield model
         finally:
-            for patcher, _loader in loaders:
+            for patcher in patchers:
                 patcher.refresh_loras()
