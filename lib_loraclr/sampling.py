@@ -14,7 +14,7 @@ largest training sigma, so the first step sees pure noise as in training (Lin et
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -73,7 +73,7 @@ def sample(
     steps: int = 20,
     height: int = 512,
     width: int = 512,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     uncond: Conditioning | None = None,
     guidance_scale: float = 1.0,
     callback: Callable[[int, int], None] | None = None,
@@ -82,7 +82,8 @@ def sample(
 
     The result is in the UNet's latent space (divide by the VAE scaling factor to decode, as
     ``decode_latents`` does). No guidance when ``uncond`` is None. ``callback(i, steps)`` runs
-    after step i (0-based).
+    after step i (0-based). ``seed``: one for the whole batch's noise, or one per row, so that a
+    row's image depends only on its prompt and seed, never on the rest of the batch.
     """
     batch = cond.context.shape[0]
     factor = model.vae_scale_factor
@@ -94,8 +95,14 @@ def sample(
     denoise = _denoiser(model, cond, uncond, guidance_scale)
 
     shape = (batch, model.latent_channels, height // factor, width // factor)
+    if isinstance(seed, int):
+        noise = initial_noise(shape, seed)
+    elif len(seed) == batch:
+        noise = torch.cat([initial_noise((1, *shape[1:]), int(row_seed)) for row_seed in seed])
+    else:
+        raise ValueError(f"got {len(seed)} seeds for {batch} rows")
     # std of x0 + sigma_max * noise for unit-variance latents
-    x = initial_noise(shape, seed).to(model.device) * (1.0 + sigmas[0] ** 2) ** 0.5
+    x = noise.to(model.device) * (1.0 + sigmas[0] ** 2) ** 0.5
     previous_denoised = None
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]

@@ -319,6 +319,18 @@ def test_sampler_on_tiny_model_is_deterministic_and_reports_progress(models):
     assert len(images) == 1 and images[0].size == (64, 64)
 
 
+def test_sampler_per_row_seeds_make_each_row_independent_of_the_batch(models):
+    model = models["sd1"]
+    cond = model.encode(["a photo of a cat", "a red house"])
+    batched = sample(model, cond, steps=3, height=64, width=64, seed=[5, 9])
+    alone = [sample(model, model.encode([prompt]), steps=3, height=64, width=64, seed=seed)
+             for prompt, seed in (("a photo of a cat", 5), ("a red house", 9))]
+    torch.testing.assert_close(batched, torch.cat(alone), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(batched[0], sample(model, cond, steps=3, height=64, width=64, seed=5)[1])
+    with pytest.raises(ValueError, match="3 seeds for 2 rows"):
+        sample(model, cond, steps=2, height=64, width=64, seed=[1, 2, 3])
+
+
 def test_sdxl_sampling_runs(models):
     model = models["sdxl"]
     latent = sample(model, model.encode(PROMPTS), steps=2, height=64, width=96, seed=0)

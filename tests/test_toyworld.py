@@ -3,13 +3,12 @@ the committed model and LoRAs, and a reduced benchmark run (so it cannot rot).""
 
 import json
 import os
-import time
 
 import numpy as np
 import pytest
 
 from bench.toyworld import judge, world
-from bench.toyworld.run import METHODS, run
+from bench.toyworld.run import METHODS, parse_prompt, run
 from bench.toyworld.train_base import DEFAULT_OUT as BASE_DIR
 from bench.toyworld.train_loras import LORA_DIR
 
@@ -72,6 +71,16 @@ def test_judge_scores_known_answers():
     assert judge.score(world.render(world.Scene([])), [_concept(0)])["recall"] == 0.0
 
 
+def test_free_text_prompts_are_read_into_concepts_and_wanted_objects():
+    job = parse_prompt("a zorb and a blue striped square and a quib")
+    assert job["concepts"] == [0, 1]
+    assert job["wanted"] == [_concept(0), {"shape": "square", "colour": "blue", "pattern": "striped"}, _concept(1)]
+    with pytest.raises(ValueError, match="fewer than two different concepts"):
+        parse_prompt("a zorb and a red circle")
+    with pytest.raises(ValueError, match="cannot read 'a dog'"):
+        parse_prompt("a zorb and a dog")
+
+
 assets = pytest.mark.skipif(not os.path.isfile(os.path.join(BASE_DIR, "model_index.json")),
                             reason="toy-world model not built (python -m bench.toyworld.train_base)")
 
@@ -95,16 +104,16 @@ def test_committed_model_and_loras_load():
 
 @assets
 def test_reduced_benchmark_run(tmp_path):
-    started = time.time()
-    results = run(counts=(2,), seeds=1, methods=("stack", "loraclr", "clora"), steps=4, out=str(tmp_path),
-                  log=lambda m: None, clora_refine_iters=1, capture_steps=4)
+    prompts = [parse_prompt("a quib and a zorb"), parse_prompt("a zorb and a dax")]
+    results = run(counts=(2,), seeds=1, first_seed=5, prompts=prompts, methods=("stack", "loraclr", "clora"),
+                  steps=4, out=str(tmp_path), log=lambda m: None, clora_refine_iters=1, capture_steps=4)
     entry = results["by_count"]["2"]
     for method in ("single", "stack", "loraclr"):
         assert 0.0 <= entry[method]["single_prompts"]["fidelity"] <= 1.0
-    assert entry["clora"]["pair_prompts"]["images"] == 1
+    assert entry["clora"]["pair_prompts"]["images"] == 1  # "a zorb and a dax" needs 3 concepts loaded
+    assert results["settings"]["seeds"] == [5]
     assert "single LoRA -> method" in results["table"]
     for name in ("results.json", "table.txt", "plot.png", "grid.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["counts"] == [2]
     assert set(METHODS) == {"stack", "svd", "lsq", "loraclr", "clora"}
-    assert time.time() - started < 600  # ~4 min measured on the shared, fully loaded 2-core machine

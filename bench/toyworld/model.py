@@ -4,13 +4,18 @@
   vocabulary of ``lib_loraclr/assets/clip_tokenizer``, 77 positions), width 64, 2 layers;
 - UNet: ``diffusers.UNet2DConditionModel`` with cross-attention (SD1 block types and names),
   widths (64, 128), cross-attention at 8x8 and 4x4 latent pixels and in the mid block;
-- "VAE": a fixed pixel-space equivalent. The latent is the image itself, space-to-depth by 4:
-  ``latent = pixel_unshuffle(2 * rgb / 255 - 1, 4)``, 48 channels at 8x8 for a 32x32 image
-  (lossless; the VAE scale factor is 4; each latent pixel is a 4x4 patch, as a patch-4 DiT).
-  For the loaders, the folder holds a three-level ``AutoencoderKL`` (48 latent channels, scaling factor 1) fitted to that transform and its
-  inverse (``train_base`` reports its error); the benchmark never decodes through it but applies
-  the exact inverse (``latents_to_images``);
-- scheduler: SD1's (1000 steps, scaled-linear betas, epsilon prediction).
+- "VAE": a fixed pixel-space equivalent. The latent is the image itself, space-to-depth by 4
+  and standardised: ``latent = (pixel_unshuffle(rgb / 255, 4) - PIXEL_MEAN) / PIXEL_STD``,
+  48 channels at 8x8 for a 32x32 image (lossless; the VAE scale factor is 4; each latent
+  pixel is a 4x4 patch, as a patch-4 DiT). Standardising plays the part of SD's latent
+  scaling factor: a latent far from zero mean (the raw [-1, 1] image of a mostly black scene
+  has mean -0.85) made sampling drift into noise. For the loaders, the folder holds a
+  three-level ``AutoencoderKL`` (48 latent channels, scaling factor 1) fitted to that
+  transform and its inverse (``train_base`` reports its error); the benchmark never decodes
+  through it but applies the exact inverse (``latents_to_images``);
+- scheduler: SD's (1000 steps, scaled-linear betas) with v-prediction, as SD 2's 768 models:
+  with epsilon prediction a small noise error at the first steps becomes a 15x larger
+  error in the predicted image, and the tiny model's first steps went astray.
 
 The folder is an ordinary diffusers ``StableDiffusionPipeline`` folder (safetensors), read by
 ``lib_loraclr.hosts.diffusers.load_base``.
@@ -30,6 +35,9 @@ from .world import SIZE
 TEXT_WIDTH = 64
 LATENT_CHANNELS = 48  # 3 colours x 4 x 4 pixels
 FACTOR = 4
+# mean and standard deviation of rgb / 255 over 2000 training scenes (mostly black background)
+PIXEL_MEAN = 0.073
+PIXEL_STD = 0.213
 
 
 def build_components(seed: int = 0) -> dict:
@@ -60,7 +68,7 @@ def build_components(seed: int = 0) -> dict:
         )
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        timestep_spacing="trailing", steps_offset=1,
+        timestep_spacing="trailing", steps_offset=1, prediction_type="v_prediction",
     )
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
     return {"unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "vae": vae, "scheduler": scheduler}
@@ -82,11 +90,11 @@ def images_to_pixels(images: np.ndarray) -> torch.Tensor:
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 48, H/4, W/4) latent (the exact pixel-space encoder)."""
-    return torch.nn.functional.pixel_unshuffle(images_to_pixels(images), FACTOR)
+    unit = (images_to_pixels(images) + 1) / 2
+    return (torch.nn.functional.pixel_unshuffle(unit, FACTOR) - PIXEL_MEAN) / PIXEL_STD
 
 
 def latents_to_images(latents: torch.Tensor) -> np.ndarray:
     """(N, 48, h, w) latent -> (N, 4h, 4w, 3) uint8 (the exact pixel-space decoder)."""
-    pixels = torch.nn.functional.pixel_shuffle(latents.detach().float().cpu(), FACTOR)
-    pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round()
-    return pixels.permute(0, 2, 3, 1).to(torch.uint8).numpy()
+    unit = torch.nn.functional.pixel_shuffle(latents.detach().float().cpu() * PIXEL_STD + PIXEL_MEAN, FACTOR)
+    return (unit.clamp(0, 1) * 255).round().permute(0, 2, 3, 1).to(torch.uint8).numpy()

@@ -66,16 +66,17 @@ def score_plot(results: dict, path: str) -> None:
         draw.text((x + 20, 440), name if name != "single" else "single LoRA (reference)", fill="black", font=font)
         x += 190 if name == "single" else 110
     draw.text((60, 10), "Toy world: concept fidelity vs number of concepts loaded "
-              f"({results['settings']['seeds']} seeds per prompt)", fill="black", font=font)
+              f"({len(results['settings']['seeds'])} seeds per prompt)", fill="black", font=font)
     image.save(path)
 
 
-def image_grid(single_jobs, pair_jobs, grid: dict, seeds: int, path: str, count: int, scale: int = 3,
+def image_grid(single_jobs, pair_jobs, grid: dict, path: str, count: int, scale: int = 3,
                columns: int = 8) -> None:
-    """One row per method: single-concept prompts (seed 0) then two-concept prompts (seed 0)."""
+    """One row per method: single-concept prompts then multi-concept prompts, at the first seed."""
     font = _font()
-    single_idx = [i for i, j in enumerate(single_jobs) if j["seed"] == 0][: columns // 2]
-    pair_idx = [i for i, j in enumerate(pair_jobs) if j["seed"] == 0][: columns - len(single_idx)]
+    first_seed = single_jobs[0]["seed"]
+    single_idx = [i for i, j in enumerate(single_jobs) if j["seed"] == first_seed][: columns // 2]
+    pair_idx = [i for i, j in enumerate(pair_jobs) if j["seed"] == first_seed][: columns - len(single_idx)]
     prompts = [single_jobs[i]["prompt"] for i in single_idx] + [pair_jobs[i]["prompt"] for i in pair_idx]
     tile = 32 * scale
     label_w, head_h = 80, 46

@@ -1,7 +1,8 @@
 """The toy-world quality benchmark: single LoRA vs stacking vs merges vs CLoRA, by concept count.
 
-    python -m bench.toyworld.run [--counts 2,3,4,6,8] [--seeds 2] [--out out/toyworld]
+    python -m bench.toyworld.run [--counts 2,3,4,6,8] [--seeds 2] [--first-seed 0] [--out out/toyworld]
                                  [--methods stack,svd,lsq,loraclr,clora] [--steps 20]
+                                 [--prompt "a zorb and a quib" --prompt "a dax and a green circle" ...]
 
 For each count N, the first N concepts of ``world.CONCEPTS`` are loaded together:
 - stack: all N LoRAs applied at once (plain stacking; what a WebUI does with N <lora:> tags);
@@ -11,7 +12,10 @@ For each count N, the first N concepts of ``world.CONCEPTS`` are loaded together
 Prompts (each with every seed 0..S-1):
 - single-concept: "a <t>" and "a <t> and a <plain object>" for each loaded concept; the
   single-LoRA reference is the concept's own LoRA alone on the same prompts and seeds;
-- multi-concept: "a <t_i> and a <t_j>" for consecutive pairs of the loaded concepts.
+- multi-concept: "a <t_i> and a <t_j>" for consecutive pairs of the loaded concepts, or
+  the ``--prompt`` texts instead: objects joined by " and ", each "a <trigger>" or
+  "a <colour> [striped] <shape>", naming at least two concepts (a prompt is used at each
+  count N that loads all its concepts).
 Images are judged by ``judge.score``: recall, fidelity, exact, bleeding (wrong attribute
 values that belong to another loaded concept), alignment (the prompt's plain object and
 the background). Writes table.txt, results.json, plot.png and grid.png into --out.
@@ -72,6 +76,27 @@ def single_prompts(index: int) -> list[dict]:
     ]
 
 
+def parse_prompt(text: str) -> dict:
+    """A prompt job from free text: "a zorb and a red striped circle" -> concepts + wanted objects."""
+    triggers = {c.trigger: k for k, c in enumerate(CONCEPTS)}
+    concepts, wanted = [], []
+    for part in text.strip().split(" and "):
+        words = part.split()
+        if words[:1] in (["a"], ["an"]):
+            words = words[1:]
+        if len(words) == 1 and words[0] in triggers:
+            concepts.append(triggers[words[0]])
+            wanted.append({**CONCEPTS[triggers[words[0]]].attributes(), "concept": True})
+        elif len(words) in (2, 3) and words[0] in COLOURS and words[-1] in SHAPES and words[1:-1] in ([], ["striped"]):
+            wanted.append({"shape": words[-1], "colour": words[0], "pattern": "striped" if len(words) == 3 else "solid"})
+        else:
+            raise ValueError(f"cannot read {part!r} in prompt {text!r}: use 'a <trigger>' "
+                             f"({', '.join(triggers)}) or 'a <colour> [striped] <shape>'")
+    if len(set(concepts)) < 2:
+        raise ValueError(f"prompt {text!r} names fewer than two different concepts")
+    return {"prompt": text.strip(), "concepts": concepts, "wanted": wanted}
+
+
 def pair_prompts(count: int) -> list[dict]:
     pairs = [(0, 1)] if count == 2 else [(k, (k + 1) % count) for k in range(count)]
     return [{"prompt": f"a {CONCEPTS[i].trigger} and a {CONCEPTS[j].trigger}", "concepts": [i, j],
@@ -90,12 +115,16 @@ def judge_all(images, jobs, loaded: list[int]) -> list[dict]:
 
 
 def mean_scores(rows: list[dict]) -> dict:
-    return {m: round(float(np.mean([r[m] for r in rows if r[m] is not None])), 4) for m in METRICS} | {
-        "images": len(rows)}
+    """Per-metric means (None where no image has a value: e.g. no prompt at this count)."""
+    means = {}
+    for metric in METRICS:
+        values = [r[metric] for r in rows if r[metric] is not None]
+        means[metric] = round(float(np.mean(values)), 4) if values else None
+    return means | {"images": len(rows)}
 
 
-def expand(prompts: list[dict], seeds: int) -> list[dict]:
-    return [{**p, "seed": s} for p in prompts for s in range(seeds)]
+def expand(prompts: list[dict], seeds: int, first_seed: int = 0) -> list[dict]:
+    return [{**p, "seed": s} for p in prompts for s in range(first_seed, first_seed + seeds)]
 
 
 def generate_with(model, loras, jobs, steps):
@@ -106,6 +135,8 @@ def generate_with(model, loras, jobs, steps):
 
 
 def clora_images(model, lora_files, jobs, steps, settings):
+    if not jobs:
+        return np.zeros((0, SIZE, SIZE, 3), np.uint8)
     pipeline = CLoRAPipeline(model)
     images = []
     for job in jobs:
@@ -118,7 +149,8 @@ def clora_images(model, lora_files, jobs, steps, settings):
 
 def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), seeds: int = 2,
         methods=METHODS, steps: int = STEPS, out: str | None = None, log=print,
-        clora_refine_iters: int = 4, capture_steps: int = 20) -> dict:
+        clora_refine_iters: int = 4, capture_steps: int = 20, first_seed: int = 0,
+        prompts: list[dict] | None = None) -> dict:
     started = time.time()
     model = load_base(base)
     needed = max(counts)
@@ -131,18 +163,21 @@ def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), 
     # the single-LoRA reference: each concept's LoRA alone on its own prompts
     reference_images = {}
     for k in range(needed):
-        jobs = expand(single_prompts(k), seeds)
+        jobs = expand(single_prompts(k), seeds, first_seed)
         reference_images[k] = (jobs, generate_with(model, [lora_files[k]], jobs, steps))
     log(f"single-LoRA references: {time.time() - started:.0f}s")
 
-    results = {"settings": {"counts": list(counts), "seeds": seeds, "methods": list(methods), "steps": steps,
+    results = {"settings": {"counts": list(counts), "seeds": list(range(first_seed, first_seed + seeds)),
+                            "methods": list(methods), "steps": steps,
+                            "multi_concept_prompts": None if prompts is None else [p["prompt"] for p in prompts],
                             "guidance": GUIDANCE, "clora_refinement_iters": clora_refine_iters, "base": base, "concepts": [c.__dict__ for c in CONCEPTS[:needed]]},
                "by_count": {}}
     with tempfile.TemporaryDirectory() as scratch:
         for count in counts:
             loaded = list(range(count))
             single_jobs = [j for k in loaded for j in reference_images[k][0]]
-            pair_jobs = expand(pair_prompts(count), seeds)
+            multi = pair_prompts(count) if prompts is None else [p for p in prompts if max(p["concepts"]) < count]
+            pair_jobs = expand(multi, seeds, first_seed)
             entry = {"single": {"single_prompts": mean_scores(judge_all(
                 np.concatenate([reference_images[k][1] for k in loaded]), single_jobs, loaded))}}
             grid = {"single": np.concatenate([reference_images[k][1] for k in loaded])}
@@ -186,7 +221,7 @@ def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), 
 
         score_plot(results, os.path.join(out, "plot.png"))
         last = max(images_for_grid)
-        image_grid(*images_for_grid[last], seeds, os.path.join(out, "grid.png"), count=last)
+        image_grid(*images_for_grid[last], os.path.join(out, "grid.png"), count=last)
     return results
 
 
@@ -200,7 +235,13 @@ def _write(results: dict, out: str, partial: bool = False) -> None:
 
 
 def _cell(reference, value):
+    if reference is None or value is None:
+        return "-"
     return f"{reference:.2f}->{value:.2f} ({value - reference:+.2f})"
+
+
+def _number(value):
+    return "-" if value is None else f"{value:.2f}"
 
 
 def format_table(results: dict) -> str:
@@ -222,9 +263,9 @@ def format_table(results: dict) -> str:
               "| N | single | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for count, entry in results["by_count"].items():
         ref = entry["single"]["single_prompts"]["fidelity"]
-        cells = [f"{entry[m]['pair_prompts']['fidelity']:.2f} / {entry[m]['pair_prompts']['recall']:.2f} / "
-                 f"{entry[m]['pair_prompts']['bleeding']:.2f}" for m in methods]
-        lines.append(f"| {count} | {ref:.2f} | " + " | ".join(cells) + " |")
+        cells = [" / ".join(_number(entry[m]["pair_prompts"][k]) for k in ("fidelity", "recall", "bleeding"))
+                 for m in methods]
+        lines.append(f"| {count} | {_number(ref)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -233,7 +274,10 @@ def main(argv=None):
     parser.add_argument("--base", default=BASE_DIR)
     parser.add_argument("--loras", default=LORA_DIR)
     parser.add_argument("--counts", default="2,3,4,6,8")
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
+    parser.add_argument("--prompt", action="append", dest="prompts",
+                        help="a multi-concept prompt to use instead of the built-in pairs (repeatable)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--out", default=os.path.join("out", "toyworld"))
@@ -249,8 +293,15 @@ def main(argv=None):
     counts = [int(c) for c in args.counts.split(",")]
     if min(counts) < 2 or max(counts) > len(CONCEPTS):
         parser.error(f"counts must be between 2 and {len(CONCEPTS)}")
+    try:
+        prompts = None if args.prompts is None else [parse_prompt(p) for p in args.prompts]
+    except ValueError as error:
+        parser.error(str(error))
+    if prompts is not None and not any(max(p["concepts"]) < max(counts) for p in prompts):
+        parser.error(f"no --prompt has all its concepts among the first {max(counts)} ({', '.join(c.trigger for c in CONCEPTS[:max(counts)])})")
     results = run(args.base, args.loras, counts, args.seeds, methods, args.steps, args.out,
-                  log=lambda m: print(m, flush=True), clora_refine_iters=args.clora_refine_iters)
+                  log=lambda m: print(m, flush=True), clora_refine_iters=args.clora_refine_iters,
+                  first_seed=args.first_seed, prompts=prompts)
     print(results["table"])
     print(f"wrote {args.out}/results.json, table.txt, plot.png, grid.png ({results['seconds']:.0f}s)")
 

@@ -1,10 +1,10 @@
 """Train the toy world's base model from scratch, then measure how often it draws what it is asked.
 
-    python -m bench.toyworld.train_base [--steps 2400] [--batch 24] [--device cpu] [--workers 0] [--out bench/toyworld/assets/base]
+    python -m bench.toyworld.train_base [--steps 4000] [--batch 24] [--device cpu] [--workers 0] [--out bench/toyworld/assets/base]
 
 Data: an endless stream of random scenes (1-3 objects, ``world.base_example``), example k of
-the stream drawn from seed ``--seed * 10**7 + k``. Epsilon prediction with min-SNR-5 loss
-weighting, 10% empty captions (for classifier-free guidance), AdamW with warm-up and cosine
+the stream drawn from seed ``--seed * 10**7 + k``. V-prediction with min-SNR-5 loss
+weighting (Hang et al. 2023), 10% empty captions (for classifier-free guidance), AdamW with warm-up and cosine
 decay, an EMA of the weights (that is what is saved). Text encoder and UNet are trained
 together; the VAE is fitted to the fixed pixel-space transform afterwards. Everything is seeded.
 Weights are written as fp16 safetensors in a diffusers folder (``load_base`` reads it).
@@ -34,18 +34,17 @@ def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def diffusion_loss(unet, text_encoder, ids, clean, alphas_cumprod, generator, snr_gamma: float = 5.0):
-    """Min-SNR-weighted epsilon loss of one batch (clean: (B, C, H, W) latents)."""
+def diffusion_loss(unet, text_encoder, ids, clean, alphas_cumprod, generator):
+    """V-prediction loss of one batch, unweighted as SD 2 trains (clean: (B, C, H, W) latents)."""
     batch = clean.shape[0]
     t = torch.randint(0, len(alphas_cumprod), (batch,), generator=generator).to(clean.device)
     noise = torch.randn(clean.shape, generator=generator).to(clean.device)
     a = alphas_cumprod.to(clean.device)[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * clean + (1 - a).sqrt() * noise
     context = text_encoder(ids.to(clean.device)).last_hidden_state
-    eps = unet(noisy, t, encoder_hidden_states=context).sample
-    snr = (a / (1 - a)).view(-1)
-    weight = torch.clamp(snr, max=snr_gamma) / snr
-    return (weight * (eps - noise).square().mean(dim=(1, 2, 3))).mean()
+    velocity = unet(noisy, t, encoder_hidden_states=context).sample
+    target = a.sqrt() * noise - (1 - a).sqrt() * clean
+    return (velocity - target).square().mean()
 
 
 class Batches(torch.utils.data.Dataset):
@@ -132,7 +131,7 @@ def evaluate(folder: str, count: int = 200, device: str = "cpu", guidance: float
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=24)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--seed", type=int, default=0)

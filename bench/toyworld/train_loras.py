@@ -1,9 +1,11 @@
 """Train the toy world's concept and style LoRAs on the committed base model.
 
-    python -m bench.toyworld.train_loras [--steps 150] [--batch 16] [--only zorb,quib] [--device cpu]
+    python -m bench.toyworld.train_loras [--steps 150] [--style-steps 500] [--batch 16] [--only zorb,quib] [--device cpu]
 
 Each concept LoRA sees only images of its concept alone, captioned "a <trigger>"; each style
-LoRA sees random plain scenes drawn in its style, captioned "<caption>, <style words>". LoRA
+LoRA sees random plain scenes drawn in its style, captioned "<caption>, <style words>", and
+gets more steps and a higher learning rate: a style changes every pixel of the background
+or every object, far more than a concept does. LoRA
 layers: every attention and MLP linear of the text encoder, and to_q/to_k/to_v/to_out.0 of
 every UNet attention (self and cross), rank 4, alpha 4. Files are written in kohya format by
 ``lib_loraclr.lora.writer.write_kohya_lora`` (exact at the trained rank) with an A1111 sidecar
@@ -139,6 +141,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--style-steps", type=int, default=500)
+    parser.add_argument("--style-lr", type=float, default=5e-3)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--only", default="", help="comma-separated LoRA names (default: all)")
@@ -153,15 +157,17 @@ def main(argv=None):
     jobs = []
     for index, concept in enumerate(CONCEPTS):
         jobs.append((concept.trigger, concept.trigger, lambda s, i=index: concept_example(i, s),
-                     f"toy concept {concept.trigger}: {concept.colour} {concept.pattern} {concept.shape}"))
+                     f"toy concept {concept.trigger}: {concept.colour} {concept.pattern} {concept.shape}",
+                     args.steps, args.lr))
     for style in STYLES:
         name = style.trigger.replace(" ", "_")
-        jobs.append((name, style.trigger, lambda s, st=style: style_example(st, s), f"toy style: {style.trigger}"))
+        jobs.append((name, style.trigger, lambda s, st=style: style_example(st, s), f"toy style: {style.trigger}",
+                     args.style_steps, args.style_lr))
     results = []
-    for number, (name, trigger, make, description) in enumerate(jobs):
+    for number, (name, trigger, make, description, steps, lr) in enumerate(jobs):
         if only and name not in only:
             continue
-        result = train_one(model, name, trigger, make, steps=args.steps, batch=args.batch, lr=args.lr,
+        result = train_one(model, name, trigger, make, steps=steps, batch=args.batch, lr=lr,
                            rank=args.rank, seed=args.seed * 1000 + number, out_dir=args.out, description=description)
         if args.check:
             index = [c.trigger for c in CONCEPTS].index(trigger) if trigger in [c.trigger for c in CONCEPTS] else None
