@@ -75,6 +75,7 @@ def test_free_text_prompts_are_read_into_concepts_and_wanted_objects():
     job = parse_prompt("a zorb and a blue striped square and a quib")
     assert job["concepts"] == [0, 1]
     assert job["wanted"] == [_concept(0), {"shape": "square", "colour": "blue", "pattern": "striped"}, _concept(1)]
+    assert parse_prompt("a quib and a zorb and a quib")["concepts"] == [1, 0]
     with pytest.raises(ValueError, match="fewer than two different concepts"):
         parse_prompt("a zorb and a red circle")
     with pytest.raises(ValueError, match="cannot read 'a dog'"):

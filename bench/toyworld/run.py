@@ -9,7 +9,7 @@ For each count N, the first N concepts of ``world.CONCEPTS`` are loaded together
 - svd / lsq / loraclr: the N LoRAs merged into one file by ``lib_loraclr.merge.pipeline.merge_to_file``;
 - clora: CLoRA composition (``CLoRAPipeline``) with the LoRAs of the concepts the prompt names
   (multi-concept prompts only; with one concept it is that LoRA alone).
-Prompts (each with every seed 0..S-1):
+Prompts (each with every seed first-seed .. first-seed + S - 1):
 - single-concept: "a <t>" and "a <t> and a <plain object>" for each loaded concept; the
   single-LoRA reference is the concept's own LoRA alone on the same prompts and seeds;
 - multi-concept: "a <t_i> and a <t_j>" for consecutive pairs of the loaded concepts, or
@@ -94,7 +94,7 @@ def parse_prompt(text: str) -> dict:
                              f"({', '.join(triggers)}) or 'a <colour> [striped] <shape>'")
     if len(set(concepts)) < 2:
         raise ValueError(f"prompt {text!r} names fewer than two different concepts")
-    return {"prompt": text.strip(), "concepts": concepts, "wanted": wanted}
+    return {"prompt": text.strip(), "concepts": list(dict.fromkeys(concepts)), "wanted": wanted}
 
 
 def pair_prompts(count: int) -> list[dict]:

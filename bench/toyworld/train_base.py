@@ -3,10 +3,9 @@
     python -m bench.toyworld.train_base [--steps 4000] [--batch 24] [--device cpu] [--workers 0] [--out bench/toyworld/assets/base]
 
 Data: an endless stream of random scenes (1-3 objects, ``world.base_example``), example k of
-the stream drawn from seed ``--seed * 10**7 + k``. V-prediction with min-SNR-5 loss
-weighting (Hang et al. 2023), 10% empty captions (for classifier-free guidance), AdamW with warm-up and cosine
-decay, an EMA of the weights (that is what is saved). Text encoder and UNet are trained
-together; the VAE is fitted to the fixed pixel-space transform afterwards. Everything is seeded.
+the stream drawn from seed ``--seed * 10**7 + k``. Unweighted v-prediction loss (as SD 2),
+10% empty captions (for classifier-free guidance), AdamW with warm-up and cosine decay, an
+EMA of the weights (that is what is saved). Text encoder and UNet are trained together; the VAE is fitted to the fixed pixel-space transform afterwards. Everything is seeded.
 Weights are written as fp16 safetensors in a diffusers folder (``load_base`` reads it).
 """
 
