@@ -245,23 +245,25 @@ def _number(value):
 
 
 def format_table(results: dict) -> str:
-    methods = [m for m in results["settings"]["methods"]]
-    merged = [m for m in methods if m != "clora"]
-    lines = ["Single-concept prompts: fidelity (share of the concept's shape/colour/pattern right), "
-             "single LoRA -> method (difference)",
-             "| N | " + " | ".join(merged) + " |", "|---|" + "---|" * len(merged)]
-    for count, entry in results["by_count"].items():
-        ref = entry["single"]["single_prompts"]["fidelity"]
-        lines.append(f"| {count} | " + " | ".join(_cell(ref, entry[m]["single_prompts"]["fidelity"]) for m in merged) + " |")
-    lines += ["", "Single-concept prompts: alignment (plain object + background), single LoRA -> method",
-              "| N | " + " | ".join(merged) + " |", "|---|" + "---|" * len(merged)]
-    for count, entry in results["by_count"].items():
-        ref = entry["single"]["single_prompts"]["alignment"]
-        lines.append(f"| {count} | " + " | ".join(_cell(ref, entry[m]["single_prompts"]["alignment"]) for m in merged) + " |")
-    lines += ["", "Two-concept prompts \"a <t_i> and a <t_j>\": fidelity / recall / bleeding "
-              "(single LoRA column: the concepts' own fidelity on their single prompts)",
+    methods = list(results["settings"]["methods"])
+    merged = [m for m in methods if m != "clora"]  # CLoRA has no single-concept images of its own
+    by_count = results["by_count"].items()
+    lines = []
+    for metric, title in (("fidelity", "fidelity (share of the concept's shape/colour/pattern right)"),
+                          ("alignment", "alignment (plain object + background)")):
+        if not merged:
+            break
+        lines += [f"Single-concept prompts: {title}, single LoRA -> method (difference)",
+                  "| N | " + " | ".join(merged) + " |", "|---|" + "---|" * len(merged)]
+        for count, entry in by_count:
+            ref = entry["single"]["single_prompts"][metric]
+            lines.append(f"| {count} | " + " | ".join(_cell(ref, entry[m]["single_prompts"][metric]) for m in merged) + " |")
+        lines.append("")
+    custom = results["settings"].get("multi_concept_prompts")
+    lines += [("Multi-concept prompts (--prompt)" if custom else "Two-concept prompts \"a <t_i> and a <t_j>\"")
+              + ": fidelity / recall / bleeding (single LoRA column: the concepts' own fidelity on their single prompts)",
               "| N | single | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
-    for count, entry in results["by_count"].items():
+    for count, entry in by_count:
         ref = entry["single"]["single_prompts"]["fidelity"]
         cells = [" / ".join(_number(entry[m]["pair_prompts"][k]) for k in ("fidelity", "recall", "bleeding"))
                  for m in methods]
