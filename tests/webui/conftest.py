@@ -25,14 +25,18 @@ from webui_harness.host import A1111Host, gradio_available  # noqa: E402
 from webui_harness.forge_host import ForgeHost  # noqa: E402
 
 
-@pytest.fixture
-def a1111(tmp_path):
-    host = A1111Host(str(tmp_path / "webui"))
+def _started(host):
+    """Start a stand-in host for one test and always stop it (restoring sys.modules and globals)."""
     host.start()
     try:
         yield host
     finally:
         host.stop()
+
+
+@pytest.fixture
+def a1111(tmp_path):
+    yield from _started(A1111Host(str(tmp_path / "webui")))
 
 
 @pytest.fixture
@@ -40,12 +44,7 @@ def forge(tmp_path):
     """A started ``webui_harness.forge_host.ForgeHost`` (Forge 2.0.1v1.10.1 stand-in): ``import modules_forge``,
     ``import backend...``, ``import networks`` (sd_forge_lora) work; ``shared.sd_model`` is the tiny
     ``StableDiffusion`` (weights are inference tensors). Teardown drops modules/backend/... from sys.modules."""
-    host = ForgeHost(str(tmp_path / "forge"))
-    host.start()
-    try:
-        yield host
-    finally:
-        host.stop()
+    yield from _started(ForgeHost(str(tmp_path / "forge")))
 
 
 requires_gradio = pytest.mark.skipif(not gradio_available(), reason="gradio is not installed")
