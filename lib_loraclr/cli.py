@@ -32,6 +32,11 @@ def _add_merge_settings(parser: argparse.ArgumentParser):
     parser.add_argument("--capture-size", type=int, default=None, help="image size sampled for UNet features "
                         "(default 512 for SD1/SD2, 1024 for SDXL)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the capture sampling")
+    parser.add_argument("--max-memory", type=float, default=None, metavar="GIB",
+                        help="memory the merge's statistics may use, in GiB (default: half the free memory, at most "
+                             "4); when the layers' statistics exceed it, features are captured in several passes")
+    parser.add_argument("--no-report", action="store_true",
+                        help="skip the quality report (it costs one more capture pass per stage)")
 
 
 def _settings_from(args) -> MergeSettings:
@@ -39,6 +44,7 @@ def _settings_from(args) -> MergeSettings:
         method=args.method, solver=args.solver, margin=args.margin, lambda_reg=args.lambda_reg,
         lambda_mse=args.lambda_mse, lr=args.lr, iters=args.iters, rank=args.rank, energy=args.energy,
         max_rank=args.max_rank, capture_steps=args.capture_steps, capture_size=args.capture_size, seed=args.seed,
+        report=not args.no_report, max_memory_gb=args.max_memory,
     )
 
 
@@ -77,18 +83,24 @@ def cmd_merge(args) -> int:
     from .merge.engine import check_concepts
     from .merge.pipeline import check_output, load_concepts, merge_to_file
 
+    if args.report and args.no_report:
+        raise ValueError("--report writes the quality report: drop --no-report, or --report")
     check_output(args.out, args.overwrite)
+    settings = _settings_from(args)
     concepts = load_concepts(args.lora, args.trigger, args.weight)
     check_concepts(concepts)
     model = load_base(args.base, config=args.config, device=args.device)
-    settings = _settings_from(args)
     progress, bar = _progress_bar()
     try:
         summary = merge_to_file(model, concepts, settings, args.out, overwrite=args.overwrite,
                                 report_path=args.report, progress=progress)
     finally:
         bar.close()
-    print(summary["table"])
+    if summary["table"]:
+        print(summary["table"])
+    passes = {stage: n for stage, n in summary["memory"]["passes"].items() if n > 1}
+    if passes:
+        print(f"statistics captured in several passes to stay within the memory budget: {passes}")
     print(f"wrote {summary['output']} ({summary['layers']} layers, method {summary['method']})")
     return 0
 

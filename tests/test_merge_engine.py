@@ -15,7 +15,7 @@ from lib_loraclr.hosts.diffusers import load_base
 from lib_loraclr.jobs import JobManager
 from lib_loraclr.lora.reader import read_lora
 from lib_loraclr.lora.writer import write_kohya_lora, write_sidecar
-from lib_loraclr.merge.capture import layer_matrix
+from lib_loraclr.merge.capture import StatsCollector, layer_matrix
 from lib_loraclr.merge.engine import LoraclrMerge, MergeInputError
 from lib_loraclr.merge.objective import MergeSettings, exact_loss
 from lib_loraclr.merge.pipeline import load_concepts, merge_to_file
@@ -105,22 +105,22 @@ def test_fast_solver_not_worse_than_reference_on_captured_features(model, lora_p
     concepts = load_concepts(lora_paths[:2], None)
     settings = MergeSettings(solver="reference", capture_size=SIZE, capture_steps=2, iters=10)
     merge = LoraclrMerge(model, concepts, settings)
-    targets = merge.targets_of("text_encoder")
-    collector = merge.capture_text_encoder(targets)
-    checked = 0
-    for target, module in list(targets.items())[:6]:
+    targets = dict(list(merge.targets_of("text_encoder").items())[:6])
+    factors = {target: merge.factors(target) for target in targets}
+    raw = StatsCollector(targets, factors, 2, mode="raw")
+    streamed = StatsCollector(targets, factors, 2)
+    for collector in (raw, streamed):
+        merge.capture("text_encoder", collector, "test")
+    for target, module in targets.items():
         base = layer_matrix(module)
-        inputs = collector.raw(target)
-        weights = [base if d is None else base + d for d in merge.concept_deltas[target]]
-        fast_delta, _ = solve_fast(collector.stats[target], merge.concept_deltas[target], settings)
-        from lib_loraclr.merge.solvers import solve_reference
-
-        reference_delta, _ = solve_reference(base, inputs, merge.concept_deltas[target], settings)
-        fast_loss = exact_loss(fast_delta, base, inputs, merge.concept_deltas[target], settings)
-        reference_loss = exact_loss(reference_delta, base, inputs, merge.concept_deltas[target], settings)
+        inputs = raw.raw(target)
+        deltas = [None if f is None else f.dense() for f in factors[target]]
+        fast_delta, _ = solve_fast(streamed.stats[target], factors[target], settings)
+        reference_delta, _ = solve_reference(base, inputs, factors[target], settings)
+        fast_loss = exact_loss(fast_delta.dense(), base, inputs, deltas, settings)
+        reference_loss = exact_loss(reference_delta.dense(), base, inputs, deltas, settings)
         assert fast_loss <= reference_loss * (1 + 1e-5)
-        checked += 1
-    assert checked == 6
+    assert len(targets) == 6
 
 
 def test_refuses_existing_output_before_any_work(model, lora_paths, tmp_path):
@@ -267,3 +267,84 @@ def test_cli_merges_files_from_other_tools(base_dir, model, tmp_path, capsys):
     with open(report) as handle:
         quality = json.load(handle)["quality"]["loraclr"]
     assert all(quality[name]["overall"]["retention"] is not None for name in ("peft", "locon", "loha"))
+
+
+def _written_deltas(path):
+    return {t: m.delta_weight() for t, m in read_lora(path).modules.items()}
+
+
+def test_memory_budget_splits_capture_into_passes_with_the_same_result(model, lora_paths, tmp_path):
+    concepts = load_concepts(lora_paths, None)
+    settings = MergeSettings(capture_size=SIZE, capture_steps=3, report=False)
+    one = merge_to_file(model, concepts, settings, str(tmp_path / "one.safetensors"))
+    messages = []
+    progress = Progress(lambda state: messages.append(state.message))
+    tight = MergeSettings(capture_size=SIZE, capture_steps=3, report=False, max_memory_gb=0.0001)
+    several = merge_to_file(model, concepts, tight, str(tmp_path / "several.safetensors"), progress=progress)
+    assert one["memory"]["passes"]["unet"] == 1 and several["memory"]["passes"]["unet"] > 2
+    assert any("capturing in" in m and "passes" in m for m in messages), "the progress says why it samples again"
+    assert several["memory"]["peak_statistics_bytes"] < one["memory"]["peak_statistics_bytes"]
+    first, second = _written_deltas(str(tmp_path / "one.safetensors")), _written_deltas(str(tmp_path / "several.safetensors"))
+    assert first.keys() == second.keys()
+    for target in first:
+        assert rel_err(second[target], first[target]) < 1e-4, target
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def test_report_matches_figures_computed_from_raw_features(model, lora_paths, tmp_path):
+    """The streamed report against retention/crosstalk/error computed directly on the captured rows."""
+    concepts = load_concepts(lora_paths[:2], None)
+    settings = MergeSettings(capture_size=SIZE, capture_steps=2)
+    out = str(tmp_path / "reported.safetensors")
+    summary = merge_to_file(model, concepts, settings, out)
+    written = read_lora(out)
+    merge = LoraclrMerge(model, concepts, settings)
+    targets = merge.targets_of("text_encoder")
+    raw = StatsCollector(targets, {t: merge.factors(t) for t in targets}, 2, mode="raw")
+    merge.capture("text_encoder", raw, "raw rows")
+    for i, concept in enumerate(concepts):
+        own = overlap = merged_sq = orthogonal = 0.0
+        for target in targets:
+            x = raw.raw(target)[i].double()
+            mine = concept.lora.modules.get(target)
+            effect = x @ (mine.delta_weight().double().flatten(1) * concept.weight).T if mine else torch.zeros(1)
+            merged = x @ written.modules[target].delta_weight().double().flatten(1).T
+            own_sq = float(effect.square().sum()) if mine else 0.0
+            lap = float((merged * effect).sum()) if mine else 0.0
+            m_sq = float(merged.square().sum())
+            own, overlap, merged_sq = own + own_sq, overlap + lap, merged_sq + m_sq
+            orthogonal += max(m_sq - (lap * lap / own_sq if own_sq > 0 else 0.0), 0.0)
+        figures = summary["quality"]["loraclr"][concept.lora.name]["text_encoder"]
+        assert figures["retention"] == pytest.approx(overlap / own, rel=1e-4)
+        assert figures["crosstalk"] == pytest.approx((orthogonal / own) ** 0.5, rel=1e-4)
+        assert figures["error"] == pytest.approx(((merged_sq - 2 * overlap + own) / own) ** 0.5, rel=1e-4)
+
+
+def test_sum_without_report_captures_nothing(model, lora_paths, tmp_path, monkeypatch):
+    def no_capture(*args, **kwargs):
+        raise AssertionError("sum without a report must not run the model")
+
+    monkeypatch.setattr(LoraclrMerge, "capture", no_capture)
+    concepts = load_concepts(lora_paths[:2], None)
+    for method in ("sum", "svd"):
+        summary = merge_to_file(model, concepts, MergeSettings(method=method, report=False),
+                                str(tmp_path / f"{method}.safetensors"))
+        assert summary["quality"] == {} and summary["table"] == ""
+
+
+def test_cli_no_report_and_memory_options(base_dir, lora_paths, tmp_path, capsys):
+    out = str(tmp_path / "cli.safetensors")
+    args = ["merge", "--base", base_dir, "--lora", lora_paths[0], "--lora", lora_paths[1], "--out", out,
+            "--capture-size", str(SIZE), "--capture-steps", "2"]
+    assert main(args + ["--no-report", "--report", str(tmp_path / "r.json")]) == 2
+    assert "--no-report" in capsys.readouterr().err and not os.path.exists(out)
+    assert main(args + ["--max-memory", "-1"]) == 2
+    assert "max_memory_gb" in capsys.readouterr().err and not os.path.exists(out)
+    assert main(args + ["--no-report", "--max-memory", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "retention" not in printed and "wrote" in printed
+    metadata = safe_open(out, "pt").metadata()
+    assert "loraclr_quality" not in metadata and json.loads(metadata["loraclr_settings"])["max_memory_gb"] == 0.5

@@ -218,7 +218,8 @@ def test_merge_waits_for_the_queue_lock_and_cancel_writes_nothing(tiny_sd1, lora
 
 
 def test_tab_values_become_a_merge_request():
-    advanced = {"margin": 0.7, "solver": "reference", "iters": 5.0, "capture_size": 0, "clamp_quantile": 0, "seed": 3.0}
+    advanced = {"margin": 0.7, "solver": "reference", "iters": 5.0, "capture_size": 0, "clamp_quantile": 0, "seed": 3.0,
+                "max_memory_gb": 0, "report": False}
     request = merge_request_from_ui(
         [["cat_lora", "sks", 1], ["dog_lora", "zqx", ""], ["", "", ""]], "lsq", "out", 0, True, advanced
     )
@@ -226,3 +227,7 @@ def test_tab_values_become_a_merge_request():
     settings = request.merge_settings()
     assert settings.method == "lsq" and settings.rank is None and settings.capture_size is None
     assert settings.clamp_quantile is None and settings.iters == 5 and settings.margin == 0.7 and request.overwrite
+    assert settings.max_memory_gb is None and settings.report is False
+    budgeted = merge_request_from_ui([["a", "x", 1], ["b", "y", 1]], "loraclr", "out", 0, False,
+                                     {"max_memory_gb": 2.5, "report": True}).merge_settings()
+    assert budgeted.max_memory_gb == 2.5 and budgeted.report is True

@@ -1,7 +1,7 @@
 """Write kohya-format LoRA files (and A1111 sidecars) that every host can load.
 
-Dense deltas are factorised by SVD the way kohya's ``svd_merge_lora.py`` does (rank by
-request or by kept energy, values clamped at a quantile). The file has one alpha (the largest
+Deltas (dense, or as factors) are factorised by SVD the way kohya's ``svd_merge_lora.py``
+does (rank by request or by kept energy, values clamped at a quantile). The file has one alpha (the largest
 rank) and each layer's up factor is pre-divided by alpha/rank, so every host's
 ``alpha / rank * up @ down`` gives back the factorised delta. Writes are atomic: a temp file
 in the target folder, then os.replace.
@@ -19,6 +19,7 @@ import torch
 
 from .base import LoraFormatError, sidecar_path
 from .keys import kohya_key
+from .lowrank import LowRank
 from .reader import read_lora
 
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -84,25 +85,42 @@ def _clamp_value(values: torch.Tensor, quantile: float) -> float:
 
 
 def factorize(
-    delta: torch.Tensor, rank: int | None, energy: float, max_rank: int, clamp_quantile: float | None
+    delta: torch.Tensor | LowRank,
+    rank: int | None,
+    energy: float,
+    max_rank: int,
+    clamp_quantile: float | None,
+    weight_shape: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """delta (out, in[, kh, kw]) -> fp32 (up, down) with up @ down ~ delta.
+    """delta (out, in[, kh, kw]) or its factors -> fp32 (up, down) with up @ down ~ delta.
 
-    Linear: up (out, r), down (r, in). Conv: up (out, r, 1, 1), down (r, in, kh, kw).
+    Linear: up (out, r), down (r, in). Conv: up (out, r, 1, 1), down (r, in, kh, kw);
+    ``weight_shape`` gives the kernel for a ``LowRank`` in matrix form.
     """
-    matrix = delta.detach().to(torch.float32).flatten(1)  # (out, in*kh*kw)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    limit = min(max_rank, *matrix.shape)
-    new_rank = min(rank if rank is not None else _energy_rank(s, energy), limit)
+    if isinstance(delta, LowRank):
+        u, s, vh = delta.to(torch.float32).svd()
+        shape = tuple(weight_shape or delta.shape)
+    else:
+        matrix = delta.detach().to(torch.float32).flatten(1)  # (out, in*kh*kw)
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        shape = tuple(delta.shape)
+    limit = min(max_rank, u.shape[0], vh.shape[1], s.numel())
+    new_rank = max(1, min(rank if rank is not None else _energy_rank(s, energy), limit))
     up = u[:, :new_rank] * s[:new_rank]  # (out, r)
     down = vh[:new_rank]  # (r, in*kh*kw)
     if clamp_quantile is not None:
         bound = _clamp_value(torch.cat([up.flatten(), down.flatten()]), clamp_quantile)
         up, down = up.clamp(-bound, bound), down.clamp(-bound, bound)
-    if delta.dim() == 4:
+    if len(shape) == 4:
         up = up.reshape(up.shape[0], new_rank, 1, 1)
-        down = down.reshape(new_rank, *delta.shape[1:])
+        down = down.reshape(new_rank, *shape[1:])
     return up.contiguous(), down.contiguous()
+
+
+def frobenius(delta: LowRank) -> float:
+    """||up @ down||_F without forming it."""
+    up, down = delta.up.double(), delta.down.double()
+    return float(((up.T @ up) * (down @ down.T)).sum().clamp_min(0).sqrt())
 
 
 def _as_strings(metadata: dict) -> dict[str, str]:
@@ -110,9 +128,126 @@ def _as_strings(metadata: dict) -> dict[str, str]:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
 
 
+class KohyaWriter:
+    """Factorises merged deltas layer by layer as they are solved, writes one kohya file at the end.
+
+    Each ``add`` keeps only the layer's truncated factors (fp32 until ``seal``), so a merge
+    never holds all its dense deltas. ``seal`` fixes the file's one alpha (the largest rank)
+    and the stored precision; ``stored(target)`` is then the delta exactly as the file holds
+    it (for measuring), and ``save`` writes the file atomically.
+    ``rank`` applies to linear and 1x1 conv layers, ``conv_rank`` (default: ``rank``) to
+    larger kernels; None picks per layer the smallest rank keeping ``energy``. All-zero
+    deltas are skipped. ``clamp_quantile=None`` disables clamping (exact at full rank).
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        *,
+        rank: int | None = None,
+        conv_rank: int | None = None,
+        energy: float = 0.95,
+        max_rank: int = 128,
+        clamp_quantile: float | None = 0.99,
+        dtype: torch.dtype = torch.float16,
+    ):
+        if arch not in BASE_MODEL_VERSION:
+            raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(BASE_MODEL_VERSION)}")
+        self.arch = arch
+        self.rank, self.conv_rank, self.energy, self.max_rank = rank, conv_rank, energy, max_rank
+        self.clamp_quantile, self.dtype = clamp_quantile, dtype
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.errors: dict[str, float] = {}
+        self.skipped: list[str] = []
+        self.alpha: int | None = None
+        self._sealed_ranks: dict[str, int] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def add(self, target: str, delta: torch.Tensor | LowRank, weight_shape: tuple[int, ...] | None = None) -> None:
+        """One layer's delta, dense (base weight shape) or as factors in matrix form (with ``weight_shape``)."""
+        if self.alpha is not None:
+            raise RuntimeError("the writer is sealed; no more layers can be added")
+        low_rank = delta if isinstance(delta, LowRank) else None
+        norm = frobenius(low_rank) if low_rank is not None else float(torch.linalg.vector_norm(delta.float()))
+        if norm == 0:
+            self.skipped.append(target)
+            return
+        shape = tuple(weight_shape or (delta.shape if low_rank is None else low_rank.shape))
+        is_spatial_conv = len(shape) == 4 and shape[2:] != (1, 1)
+        layer_rank = (self.conv_rank if self.conv_rank is not None else self.rank) if is_spatial_conv else self.rank
+        up, down = factorize(delta, layer_rank, self.energy, self.max_rank, self.clamp_quantile, shape)
+        approx = LowRank(up.flatten(1), down.flatten(1))
+        exact = low_rank if low_rank is not None else dense_as_factors(delta)
+        self.errors[target] = frobenius(LowRank.cat([exact.to(torch.float32), approx.scaled(-1.0)])) / norm
+        self.factors[target] = (up.cpu(), down.cpu())
+
+    def seal(self) -> None:
+        """Fix the alpha and the stored tensors; from here ``stored`` gives the deltas as written."""
+        if not self.factors:
+            raise LoraFormatError("nothing to write, every delta is zero")
+        # One alpha for the whole file: diffusers ignores per-layer alphas of kohya files whose
+        # ranks differ, so each layer's alpha/rank scale is folded into its up factor instead.
+        self.alpha = max(down.shape[0] for _, down in self.factors.values())
+        for target, (up, down) in self.factors.items():
+            layer_rank = down.shape[0]
+            name = kohya_key(target, self.arch)
+            self.tensors[f"{name}.lora_up.weight"] = (up * (layer_rank / self.alpha)).to(self.dtype)
+            self.tensors[f"{name}.lora_down.weight"] = down.to(self.dtype)
+            self.tensors[f"{name}.alpha"] = torch.tensor(float(self.alpha), dtype=self.dtype)
+        self._sealed_ranks = {target: down.shape[0] for target, (_, down) in self.factors.items()}
+        self.factors = {}
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        if self.alpha is not None:
+            return dict(self._sealed_ranks)
+        return {target: down.shape[0] for target, (_, down) in self.factors.items()}
+
+    def stored(self, target: str) -> LowRank | None:
+        """The sealed delta of a target in matrix form (scale * up @ down), fp32; None if skipped."""
+        if self.alpha is None:
+            raise RuntimeError("seal the writer first")
+        if target not in self._sealed_ranks:
+            return None
+        name = kohya_key(target, self.arch)
+        up, down = self.tensors[f"{name}.lora_up.weight"], self.tensors[f"{name}.lora_down.weight"]
+        scale = self.alpha / down.shape[0]
+        return LowRank(up.float().flatten(1) * scale, down.float().flatten(1))
+
+    def save(self, path: str, metadata: dict | None = None, overwrite: bool = False) -> dict:
+        """Write the sealed file atomically; returns {"path", "ranks", "errors", "skipped", "model_hash"}."""
+        if self.alpha is None:
+            self.seal()
+        ranks = self.ranks
+        distinct_ranks = set(ranks.values())
+        dim = str(distinct_ranks.pop()) if len(distinct_ranks) == 1 else "Dynamic"
+        file_metadata = _as_strings(metadata or {})
+        file_metadata.update({
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": dim,
+            "ss_network_alpha": str(self.alpha),
+            "ss_base_model_version": BASE_MODEL_VERSION[self.arch],
+            "ss_v2": str(self.arch == "sd2"),
+            "ss_output_name": os.path.splitext(os.path.basename(path))[0],
+            "loraclr_arch": self.arch,
+        })
+        model_hash, legacy_hash = model_hashes(self.tensors, file_metadata)
+        file_metadata["sshs_model_hash"] = model_hash
+        file_metadata["sshs_legacy_hash"] = legacy_hash
+        atomic_write(path, safetensors.torch.save(self.tensors, file_metadata), overwrite)
+        return {"path": path, "ranks": ranks, "errors": dict(self.errors), "skipped": list(self.skipped),
+                "model_hash": model_hash}
+
+
+def dense_as_factors(delta: torch.Tensor) -> LowRank:
+    """A dense delta as the trivial factor pair (I, delta), for exact differences with ``LowRank``s."""
+    matrix = delta.detach().float().flatten(1)
+    return LowRank(torch.eye(matrix.shape[0]), matrix)
+
+
 def write_kohya_lora(
     path: str,
-    deltas: dict[str, torch.Tensor],
+    deltas: dict[str, torch.Tensor | LowRank],
     arch: str,
     *,
     rank: int | None = None,
@@ -123,74 +258,22 @@ def write_kohya_lora(
     metadata: dict | None = None,
     overwrite: bool = False,
     dtype: torch.dtype = torch.float16,
-    metadata_from_written=None,
 ) -> dict:
-    """Factorise dense deltas (canonical target -> tensor) and write a kohya LoRA file.
+    """Factorise dense deltas (canonical target -> tensor) and write a kohya LoRA file (see ``KohyaWriter``).
 
-    ``rank`` applies to linear and 1x1 conv layers, ``conv_rank`` (default: ``rank``) to
-    larger kernels; None picks per layer the smallest rank keeping ``energy``. All-zero
-    deltas are skipped. ``clamp_quantile=None`` disables clamping (exact at full rank).
-    ``dtype`` is the stored precision; errors are measured on the stored factors.
-    ``metadata_from_written(deltas) -> dict`` sees the deltas exactly as stored (up @ down)
-    before the file is written, so figures measured on them can go into its metadata.
-    Returns {"path", "ranks": {target: r}, "errors": {target: relative Frobenius error},
-    "skipped": [targets], "model_hash"}.
+    Errors are relative Frobenius errors of the truncated, clamped factors.
     """
-    if arch not in BASE_MODEL_VERSION:
-        raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(BASE_MODEL_VERSION)}")
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another name or allow overwriting")
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    errors: dict[str, float] = {}
-    skipped: list[str] = []
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    writer = KohyaWriter(arch, rank=rank, conv_rank=conv_rank, energy=energy, max_rank=max_rank,
+                         clamp_quantile=clamp_quantile, dtype=dtype)
     for target, delta in deltas.items():
-        if not torch.any(delta):
-            skipped.append(target)
-            continue
-        is_spatial_conv = delta.dim() == 4 and delta.shape[2:] != (1, 1)
-        layer_rank = (conv_rank if conv_rank is not None else rank) if is_spatial_conv else rank
-        factors[target] = factorize(delta, layer_rank, energy, max_rank, clamp_quantile)
-    if not factors:
-        raise LoraFormatError(f"{os.path.basename(path)}: nothing to write, every delta is zero")
-
-    # One alpha for the whole file: diffusers ignores per-layer alphas of kohya files whose
-    # ranks differ, so each layer's alpha/rank scale is folded into its up factor instead.
-    alpha = max(down.shape[0] for _, down in factors.values())
-    written: dict[str, torch.Tensor] = {}  # target -> the delta as stored (scale * up @ down)
-    for target, (up, down) in factors.items():
-        layer_rank = down.shape[0]
-        up, down = (up * (layer_rank / alpha)).to(dtype), down.to(dtype)
-        matrix = deltas[target].detach().float().flatten(1)
-        approx = (alpha / layer_rank) * (up.float().flatten(1) @ down.float().flatten(1))
-        errors[target] = float(torch.linalg.matrix_norm(matrix - approx) / torch.linalg.matrix_norm(matrix))
-        written[target] = approx.reshape(deltas[target].shape)
-        name = kohya_key(target, arch)
-        ranks[target] = layer_rank
-        tensors[f"{name}.lora_up.weight"] = up
-        tensors[f"{name}.lora_down.weight"] = down
-        tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
-
-    distinct_ranks = set(ranks.values())
-    dim = str(distinct_ranks.pop()) if len(distinct_ranks) == 1 else "Dynamic"
-    file_metadata = _as_strings(metadata or {})
-    file_metadata.update({
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": dim,
-        "ss_network_alpha": str(alpha),
-        "ss_base_model_version": BASE_MODEL_VERSION[arch],
-        "ss_v2": str(arch == "sd2"),
-        "ss_output_name": os.path.splitext(os.path.basename(path))[0],
-        "loraclr_arch": arch,
-    })
-    if metadata_from_written is not None:
-        file_metadata.update(_as_strings(metadata_from_written(written)))
-    model_hash, legacy_hash = model_hashes(tensors, file_metadata)
-    file_metadata["sshs_model_hash"] = model_hash
-    file_metadata["sshs_legacy_hash"] = legacy_hash
-    atomic_write(path, safetensors.torch.save(tensors, file_metadata), overwrite)
-    return {"path": path, "ranks": ranks, "errors": errors, "skipped": skipped, "model_hash": model_hash}
+        writer.add(target, delta)
+    try:
+        writer.seal()
+    except LoraFormatError as error:
+        raise LoraFormatError(f"{os.path.basename(path)}: {error}") from None
+    return writer.save(path, metadata, overwrite)
 
 
 def write_sidecar(

@@ -2,19 +2,37 @@
 
 Running the concepts in lockstep keeps their feature rows aligned (same prompt template,
 same token slots, same sampling step), which is what the loss compares, and lets the
-collector accumulate the cross-concept inner products <Y_i, Y_j> that per-concept Gram
-matrices cannot give.
+collector accumulate the cross-concept inner products <Y_i, Y_j> that per-concept
+statistics cannot give. Capture is seeded, so a second pass over other layers (or for the
+report) sees identical features.
 """
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .stats import LayerStats
+from ..lora.lowrank import LowRank
+from .stats import InputStats, LayerStats, TargetStats
+
+# Siblings that read one tensor: self-attention q/k/v (UNet attn1, CLIP), cross-attention k/v.
+_SHARED_INPUT = (
+    (re.compile(r"(\.attn1\.to_)[qkv]$"), r"\1qkv"),
+    (re.compile(r"(\.self_attn\.)[qkv](_proj)$"), r"\1qkv\2"),
+    (re.compile(r"(\.attn2\.to_)[kv]$"), r"\1kv"),
+)
+
+
+def input_key(target: str) -> str:
+    """One name for all targets that read the same input tensor (q/k/v of one attention)."""
+    for pattern, replacement in _SHARED_INPUT:
+        if pattern.search(target):
+            return pattern.sub(replacement, target)
+    return target
 
 
 def layer_matrix(module: nn.Module) -> torch.Tensor:
@@ -48,54 +66,38 @@ def output_rows(module: nn.Module, layer_output: torch.Tensor) -> torch.Tensor:
     return layer_output.reshape(layer_output.shape[0], -1, layer_output.shape[-1])
 
 
-class FeatureCollector:
-    """Forward hooks that stream each target's (X_i, Y_i) blocks into ``LayerStats``.
+def concept_blocks(rows: torch.Tensor, n_concepts: int, name: str) -> torch.Tensor:
+    """(B, R, D) batch rows -> (N, B/N * R, D): concept i owns batch rows [i*B/N, (i+1)*B/N)."""
+    if rows.shape[0] % n_concepts:
+        raise RuntimeError(f"batch {rows.shape[0]} of {name} is not a multiple of {n_concepts} concepts")
+    return rows.reshape(n_concepts, -1, rows.shape[-1])
+
+
+class LayerHooks:
+    """Forward hooks on a set of targets; ``observe(name, module, x, y)`` gets concept blocks.
 
     Register it after the LoRA runtime's hooks so the observed output is the concept's
-    LoRA-applied output Y_i. With ``keep_raw`` the raw row blocks are also kept (the
-    reference solver needs them; the fast solver does not).
+    LoRA-applied output Y_i. ``x`` is (N, R, D_in) and ``y`` (N, R, D_out), both fp32.
     """
 
-    def __init__(self, targets: dict[str, nn.Module], n_concepts: int, keep_raw: bool = False):
+    def __init__(self, targets: dict[str, nn.Module], n_concepts: int):
         self.targets = targets
         self.n_concepts = n_concepts
-        self.keep_raw = keep_raw
-        self.stats: dict[str, LayerStats] = {}
-        self.raw_inputs: dict[str, list[list[torch.Tensor]]] = {}
-        self.recording = True
         self._handles = []
+
+    def observe(self, name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor, source: torch.Tensor) -> None:
+        raise NotImplementedError
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            if not self.recording:
-                return
             # Forge runs its text encoder under inference_mode: the statistics must stay
             # ordinary tensors, or their in-place accumulation fails outside it.
             with torch.inference_mode(False), torch.no_grad():
-                x_rows = input_rows(module, args[0].detach()).float()
-                y_rows = output_rows(module, output.detach()).float()
-                batch = x_rows.shape[0]
-                if batch % self.n_concepts:
-                    raise RuntimeError(f"batch {batch} of {name} is not a multiple of {self.n_concepts} concepts")
-                per = batch // self.n_concepts
-                x_blocks = [x_rows[i * per:(i + 1) * per].reshape(-1, x_rows.shape[-1]) for i in range(self.n_concepts)]
-                y_blocks = [y_rows[i * per:(i + 1) * per].reshape(-1, y_rows.shape[-1]) for i in range(self.n_concepts)]
-                self.add(name, module, x_blocks, y_blocks)
+                x = concept_blocks(input_rows(module, args[0].detach()).float(), self.n_concepts, name)
+                y = concept_blocks(output_rows(module, output.detach()).float(), self.n_concepts, name)
+                self.observe(name, module, x, y, args[0])
 
         return hook
-
-    def add(self, name: str, module: nn.Module, x_blocks: list[torch.Tensor], y_blocks: list[torch.Tensor]):
-        """Feed one aligned chunk (row block per concept) of a layer."""
-        if name not in self.stats:
-            self.stats[name] = LayerStats(layer_matrix(module), self.n_concepts)
-            self.raw_inputs[name] = [[] for _ in range(self.n_concepts)]
-        self.stats[name].add(x_blocks, y_blocks)
-        if self.keep_raw:
-            for i, block in enumerate(x_blocks):
-                self.raw_inputs[name][i].append(block.cpu())
-
-    def raw(self, name: str) -> list[torch.Tensor]:
-        return [torch.cat(blocks) for blocks in self.raw_inputs[name]]
 
     @contextmanager
     def attached(self):
@@ -109,22 +111,82 @@ class FeatureCollector:
             self._handles.clear()
 
 
-@contextmanager
-def weights_added(targets: dict[str, nn.Module], deltas: dict[str, torch.Tensor]):
-    """Temporarily add merged deltas to the model's weights; restore the exact originals after.
+class StatsCollector(LayerHooks):
+    """Streams each target's features into statistics.
 
-    Inference-tensor weights (Forge) can only be written inside inference mode.
+    ``mode``: "stream" (``TargetStats`` over one shared ``InputStats`` per input),
+    "exact" (per-concept ``LayerStats``, for the hinge's refinement) or "raw" (the row blocks
+    themselves, on the CPU, for the reference solver).
     """
-    originals = {}
-    try:
-        for name, delta in deltas.items():
-            weight = targets[name].weight
-            with torch.inference_mode(weight.is_inference()), torch.no_grad():
-                originals[name] = weight.detach().clone()
-                weight.add_(delta.reshape(weight.shape).to(weight.device, weight.dtype))
-        yield
-    finally:
-        for name, original in originals.items():
-            weight = targets[name].weight
-            with torch.inference_mode(weight.is_inference()), torch.no_grad():
-                weight.copy_(original)
+
+    def __init__(
+        self,
+        targets: dict[str, nn.Module],
+        factors: dict[str, list[LowRank | None]],
+        n_concepts: int,
+        mode: str = "stream",
+        device: torch.device | str | None = None,
+    ):
+        super().__init__(targets, n_concepts)
+        self.mode = mode
+        self.stats: dict[str, TargetStats | LayerStats] = {}
+        self.raw_inputs: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
+        self._inputs: dict[str, InputStats] = {}
+        self._members: dict[str, set[str]] = {}
+        self._round: dict[str, tuple] = {}  # input key -> (source tensor key, targets seen)
+        for name, module in targets.items():
+            weight = module.weight
+            if mode == "stream":
+                key = input_key(name)
+                if key not in self._inputs:
+                    self._inputs[key] = InputStats(weight[0].numel(), n_concepts, device or weight.device)
+                    self._members[key] = set()
+                self._inputs[key].register(name, [None if f is None else f.down for f in factors[name]])
+                self._members[key].add(name)
+                self.stats[name] = TargetStats(name, weight, self._inputs[key])
+            elif mode == "exact":
+                self.stats[name] = LayerStats(layer_matrix(module).to(device or weight.device), n_concepts)
+
+    def nbytes(self) -> int:
+        return sum(inputs.nbytes() for inputs in self._inputs.values())
+
+    def observe(self, name, module, x, y, source):
+        if self.mode == "raw":
+            self.raw_inputs[name].append(x.cpu())
+            return
+        stats = self.stats[name]
+        if self.mode == "exact":
+            stats.add(list(x), list(y))
+            return
+        key = input_key(name)
+        source_key = (source.data_ptr(), tuple(source.shape))
+        current, seen = self._round.get(key, (None, self._members[key]))
+        if seen >= self._members[key]:  # every sibling has seen the last input: a new one starts
+            self._inputs[key].add(x)
+            self._round[key] = (source_key, {name})
+        elif source_key == current and name not in seen:
+            seen.add(name)
+        else:
+            raise RuntimeError(
+                f"{name} does not read the same input as {sorted(seen)}; their statistics cannot be shared"
+            )
+        stats.add_targets(y)
+
+    def add(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Feed concept blocks (N, R, D_in) / (N, R, D_out) of a layer directly (no model run)."""
+        self.observe(name, self.targets[name], x.float(), y.float(), x)
+
+    def raw(self, name: str) -> list[torch.Tensor]:
+        """Concept i's raw input rows (R, D_in), every captured chunk."""
+        return list(torch.cat(self.raw_inputs[name], dim=1))
+
+    def close_target(self, name: str) -> None:
+        """Free what only this target needed; its shared input goes once all its readers are done."""
+        self.stats.pop(name, None)
+        self.raw_inputs.pop(name, None)
+        key = input_key(name)
+        if key in self._members:
+            self._members[key].discard(name)
+            if not self._members[key]:
+                del self._inputs[key], self._members[key]
+                self._round.pop(key, None)

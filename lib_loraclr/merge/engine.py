@@ -6,8 +6,13 @@
    tokens and EOS;
 3. every other UNet layer, from inputs captured while sampling each concept's prompt with
    its UNet LoRA applied (merged text encoder and merged k/v in place).
-Each stage sees the previous stages' merged weights. The per-layer problem is solved by
-``solvers``; ``sum`` and ``svd`` need no features but still capture them for the report.
+Each stage sees the previous stages' merged weights (applied as hooks, never written into
+the model). The per-layer problem is solved by ``solvers``; ``sum`` and ``svd`` capture
+nothing.
+
+Memory: the LoRAs stay factors; statistics are streamed per distinct layer input, each
+layer is solved, handed to the writer and freed; a stage whose statistics exceed the budget
+is captured in several seeded passes, one per group of layers (``memory``).
 """
 
 from __future__ import annotations
@@ -18,17 +23,22 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lora.base import LoraFile
+from ..lora.lowrank import LowRank, module_factors
+from ..lora.modules import LoraUpDown
 from ..lora.reader import check_same_arch
+from ..lora.writer import KohyaWriter
 from ..model import ModelAccess
 from ..runtime import LoraRuntime, shapes_fit
 from ..sampling import sample
-from .capture import FeatureCollector, layer_matrix, weights_added
+from .capture import LayerHooks, StatsCollector, layer_matrix
+from .memory import GIB, budget_bytes, exact_bytes, plan_passes, stream_costs
 from .objective import MergeSettings
 from .progress import Progress
+from .report import ReportCollector, quality
 from .solvers import solve_fast, solve_lsq, solve_reference, solve_sum
-from .stats import LayerStats
 
 PROMPT_TEMPLATE = "photo of a {}"
+STAGES = ("text_encoder", "cross_kv", "unet")
 
 
 class MergeInputError(ValueError):
@@ -44,12 +54,12 @@ class Concept:
 
 @dataclass
 class MergeResult:
-    deltas: dict[str, torch.Tensor]  # target -> merged delta W* - W0, base weight shape
-    concept_deltas: dict[str, list[torch.Tensor | None]]  # target -> per-concept Delta_i (matrix form)
-    stats: dict[str, LayerStats]  # target -> captured statistics (empty when not captured)
     stage_of: dict[str, str]
     layer_info: dict[str, dict] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    passes: dict[str, int] = field(default_factory=dict)  # capture passes per stage
+    budget_bytes: int = 0
+    peak_stats_bytes: int = 0  # the most the statistics held at once
 
 
 def stage_of_target(target: str) -> str:
@@ -102,6 +112,18 @@ def only_targets(lora: LoraFile, keep) -> LoraFile:
     return LoraFile(lora.path, lora.format, lora.arch, modules, lora.metadata, lora.triggers)
 
 
+def as_lora(name: str, deltas: dict[str, LowRank]) -> LoraFile:
+    """Merged factors as an in-memory LoRA (scale 1), so the runtime can apply them as hooks."""
+    modules = {
+        target: LoraUpDown(target, tensors={
+            "lora_up.weight": delta.up, "lora_down.weight": delta.down,
+            "alpha": torch.tensor(float(delta.rank)),
+        })
+        for target, delta in deltas.items()
+    }
+    return LoraFile(name, "merged", None, modules)
+
+
 def trigger_rows(model: ModelAccess, prompts: list[str], triggers: list[str]) -> list[list[int]]:
     """Token positions of each prompt's trigger words plus its EOS, found by the tokenizer."""
     token_ids = model.tokenize(prompts)  # (B, 77)
@@ -120,8 +142,19 @@ def trigger_rows(model: ModelAccess, prompts: list[str], triggers: list[str]) ->
     return rows
 
 
+class RowCounter(LayerHooks):
+    """Rows per concept each target sees in one forward (batch of one)."""
+
+    def __init__(self, targets):
+        super().__init__(targets, 1)
+        self.rows: dict[str, int] = {}
+
+    def observe(self, name, module, x, y, source):
+        self.rows[name] = self.rows.get(name, 0) + x.shape[1]
+
+
 class LoraclrMerge:
-    """One merge run; ``run()`` returns the merged deltas and the captured statistics."""
+    """One merge run: ``run(writer)`` solves every layer into the writer; ``measure(writer)`` reports."""
 
     def __init__(self, model: ModelAccess, concepts: list[Concept], settings: MergeSettings, progress: Progress | None = None):
         self.model = model
@@ -129,128 +162,250 @@ class LoraclrMerge:
         self.settings = settings
         self.progress = progress or Progress()
         self.targets = check_inputs(model, concepts)
-        self.concept_deltas = {
-            target: [
-                c.lora.modules[target].delta_weight().reshape(module.weight.shape[0], -1).float() * c.weight
-                if target in c.lora.modules else None
-                for c in concepts
-            ]
-            for target, module in self.targets.items()
-        }
-        self.capture_features = settings.method in ("loraclr", "lsq") or settings.report
+        self.n = len(concepts)
+        self.device = model.device  # read once: some hosts walk every parameter to answer
+        self.merged: dict[str, LowRank] = {}  # solved text-encoder and cross-kv deltas, for later stages
+        self.budget = budget_bytes(settings.max_memory_gb, self.device)
+        self.result = MergeResult({t: stage_of_target(t) for t in self.targets}, budget_bytes=self.budget)
+        self._stats_bytes = 0
 
     def targets_of(self, stage: str) -> dict[str, torch.nn.Module]:
         return {t: m for t, m in self.targets.items() if stage_of_target(t) == stage}
 
-    def run(self) -> MergeResult:
-        stage_of = {t: stage_of_target(t) for t in self.targets}
-        result = MergeResult({}, self.concept_deltas, {}, stage_of)
-        stage_runs = (
-            ("text_encoder", self.capture_text_encoder),
-            ("cross_kv", self.capture_cross_kv),
-            ("unet", self.capture_unet),
-        )
-        for stage, capture in stage_runs:
+    def factors(self, target: str) -> list[LowRank | None]:
+        """Concept i's Delta_i at ``target`` (weight folded in) as fp32 factors, on the model's device."""
+        return [
+            module_factors(c.lora.modules[target], c.weight).to(self.device) if target in c.lora.modules else None
+            for c in self.concepts
+        ]
+
+    # --- solving ----------------------------------------------------------------------------
+
+    def run(self, writer: KohyaWriter) -> MergeResult:
+        for stage in STAGES:
             targets = self.targets_of(stage)
             if not targets:
                 continue
             started = time.perf_counter()
-            if self.capture_features:
-                with weights_added(self.targets, result.deltas):
-                    collector = capture(targets)
-                result.stats.update(collector.stats)
+            if self.settings.method in ("sum", "svd"):
+                for index, (target, module) in enumerate(targets.items()):
+                    self.progress.update(stage, index, len(targets), target, f"stacking {target}")
+                    self._hand_over(target, module, *solve_sum(self.factors(target)), writer)
             else:
-                collector = None
-            self.solve_stage(stage, targets, collector, result)
-            result.seconds[stage] = time.perf_counter() - started
-        return result
+                self._solve_stage(stage, targets, writer)
+            self.result.seconds[stage] = time.perf_counter() - started
+        self.result.peak_stats_bytes = self._stats_bytes
+        return self.result
 
-    def solve_stage(self, stage: str, targets, collector: FeatureCollector | None, result: MergeResult):
-        for index, (target, module) in enumerate(targets.items()):
-            self.progress.update(stage, index, len(targets), target, f"solving {target}")
-            deltas = self.concept_deltas[target]
-            stats = collector.stats.get(target) if collector else None
-            method = self.settings.method
-            if method in ("sum", "svd"):
-                delta, info = solve_sum(None, deltas)
-            elif stats is None:
-                raise RuntimeError(f"no features were captured for {target}; the model never ran that layer")
-            elif method == "lsq":
-                delta, info = solve_lsq(stats, deltas, self.settings)
-            elif self.settings.solver == "reference":
-                delta, info = solve_reference(layer_matrix(module), collector.raw(target), deltas, self.settings)
-            else:
-                delta, info = solve_fast(stats, deltas, self.settings)
-            result.deltas[target] = delta.reshape(module.weight.shape).cpu()
-            result.layer_info[target] = info
-        self.progress.update(stage, len(targets), len(targets), "", f"{stage} done")
+    def _hand_over(self, target, module, delta: LowRank, info: dict, writer: KohyaWriter):
+        if stage_of_target(target) != "unet":
+            self.merged[target] = delta
+        writer.add(target, delta.to("cpu"), tuple(module.weight.shape))
+        self.result.layer_info[target] = info
+
+    def _row_counts(self, stage: str, targets) -> dict[str, int]:
+        """Rows per concept each target will see over the whole capture (one cheap probe)."""
+        if stage == "cross_kv":
+            return {t: self._cross_kv_rows()[0].shape[1] for t in targets}
+        counter = RowCounter(targets)
+        prompt = self.prompts()[:1]
+        with torch.no_grad(), counter.attached():
+            if stage == "text_encoder":
+                self.model.encode(prompt)
+                return {t: 2 * r for t, r in counter.rows.items()}  # two prompts per concept
+            size = self.capture_size() // self.model.vae_scale_factor
+            latent = torch.zeros(1, self.model.latent_channels, size, size, device=self.device, dtype=self.model.dtype)
+            self.model.unet_eps(latent, torch.tensor([999], device=self.device), self.model.encode(prompt))
+        return {t: r * self.settings.capture_steps for t, r in counter.rows.items()}
+
+    def _solve_stage(self, stage: str, targets: dict, writer: KohyaWriter):
+        reference = self.settings.method == "loraclr" and self.settings.solver == "reference"
+        self.progress.update(stage, 0, len(targets), message=f"planning the {stage} capture")
+        rows = self._row_counts(stage, targets)
+        ranks = {t: self.rank_bound(t) for t in targets}
+        if reference:  # raw rows per target, kept on the CPU
+            costs = [(t, 4 * self.n * rows.get(t, 0) * m.weight[0].numel()) for t, m in targets.items()]
+            passes = plan_passes([_RawCost(t, b) for t, b in costs], self.budget)
+        else:
+            passes = plan_passes(stream_costs(targets, ranks, self.n, rows), self.budget)
+        self.result.passes[stage] = len(passes)
+        if len(passes) > 1:
+            self.progress.update(stage, 0, len(targets), message=(
+                f"statistics exceed the {budget_text(self.budget)} memory budget: capturing in {len(passes)} passes"))
+        needs_exact: list[str] = []
+        done = 0
+        for number, names in enumerate(passes, start=1):
+            group = {t: targets[t] for t in names}
+            factors = {t: self.factors(t) for t in group}
+            label = f"pass {number}/{len(passes)}, {len(group)} layers" if len(passes) > 1 else f"{len(group)} layers"
+            collector = StatsCollector(group, factors, self.n, mode="raw" if reference else "stream",
+                                       device=self.device)
+            self.capture(stage, collector, label)
+            self._stats_bytes = max(self._stats_bytes, collector.nbytes())
+            for target, module in group.items():
+                done += 1
+                self.progress.update(stage, done, len(targets), target, f"solving {target} ({label})")
+                delta, info = self._solve(target, module, collector, factors[target])
+                if info.get("needs_exact"):
+                    exact = collector.stats[target].exact()
+                    if exact is None:
+                        needs_exact.append(target)
+                        collector.close_target(target)
+                        continue
+                    delta, info = solve_fast(exact, factors[target], self.settings)
+                self._hand_over(target, module, delta, info, writer)
+                collector.close_target(target)
+            del collector, factors
+        if needs_exact:
+            self._solve_exact(stage, {t: targets[t] for t in needs_exact}, writer)
+
+    def rank_bound(self, target: str) -> int:
+        """Sum over concepts of their factors' rank at ``target``, from the files alone (plans the memory)."""
+        d_out, d_in = self.targets[target].weight.shape[0], self.targets[target].weight[0].numel()
+        total = 0
+        for concept in self.concepts:
+            module = concept.lora.modules.get(target)
+            if module is not None:  # a Hadamard product of two rank-r factors has rank up to r^2
+                total += min(module.rank ** 2 if module.kind == "loha" else module.rank, d_out, d_in)
+        return total
+
+    def _solve(self, target, module, collector: StatsCollector, factors):
+        method = self.settings.method
+        if method == "lsq":
+            return solve_lsq(collector.stats[target], factors, self.settings)
+        if self.settings.solver == "reference":
+            return solve_reference(layer_matrix(module), collector.raw(target), factors, self.settings)
+        return solve_fast(collector.stats[target], factors, self.settings)
+
+    def _solve_exact(self, stage: str, targets: dict, writer: KohyaWriter):
+        """Layers whose hinge the streamed statistics could not certify: exact per-concept statistics, refined."""
+        passes = plan_passes([_RawCost(t, exact_bytes(m, self.n)) for t, m in targets.items()], self.budget)
+        self.result.passes[stage] += len(passes)
+        for number, names in enumerate(passes, start=1):
+            group = {t: targets[t] for t in names}
+            factors = {t: self.factors(t) for t in group}
+            collector = StatsCollector(group, factors, self.n, mode="exact", device=self.device)
+            self.capture(stage, collector, f"exact pass {number}/{len(passes)} for {len(group)} layers near the margin")
+            for target, module in group.items():
+                self.progress.update(stage, 1, 1, target, f"refining {target}")
+                self._hand_over(target, module, *solve_fast(collector.stats[target], factors[target], self.settings), writer)
+                collector.close_target(target)
+
+    # --- the quality report -----------------------------------------------------------------
+
+    def measure(self, writer: KohyaWriter) -> dict:
+        """Retention / crosstalk / error of the written file (and of plain stacking), one capture pass per stage."""
+        names = [c.lora.name for c in self.concepts]
+        merges = {self.settings.method: writer.stored}
+        if self.settings.method != "sum":
+            merges["sum"] = lambda target: solve_sum(self.factors(target))[0]
+        collected = {method: {} for method in merges}
+        started = time.perf_counter()
+        for stage in STAGES:
+            targets = self.targets_of(stage)
+            if not targets:
+                continue
+            collector = ReportCollector(targets, self.factors, merges, self.n)
+            self.capture(stage, collector, f"measuring {len(targets)} layers", progress_stage="report")
+            for method in merges:
+                collected[method].update(collector.sums[method])
+        self.result.seconds["report"] = time.perf_counter() - started
+        return {method: quality(sums, self.result.stage_of, names) for method, sums in collected.items()}
 
     # --- capture stages -------------------------------------------------------------------
 
     def prompts(self) -> list[str]:
         return [PROMPT_TEMPLATE.format(c.trigger.strip()) for c in self.concepts]
 
-    def collector(self, targets) -> FeatureCollector:
-        keep_raw = self.settings.method == "loraclr" and self.settings.solver == "reference"
-        return FeatureCollector(targets, len(self.concepts), keep_raw=keep_raw)
+    def capture_size(self) -> int:
+        return self.settings.capture_size or (1024 if self.model.arch == "sdxl" else 512)
 
-    def capture_text_encoder(self, targets) -> FeatureCollector:
+    def capture(self, stage: str, hooks: LayerHooks, label: str, progress_stage: str | None = None):
+        {"text_encoder": self.capture_text_encoder, "cross_kv": self.capture_cross_kv, "unet": self.capture_unet}[
+            stage
+        ](hooks, label, progress_stage or stage)
+
+    def _merged_applied(self):
+        """Hooks applying the merged text-encoder / cross-kv deltas solved so far (to every batch row)."""
+        return LoraRuntime(self.model.targets(), [as_lora("merged", self.merged)] if self.merged else [])
+
+    def capture_text_encoder(self, hooks: LayerHooks, label: str, stage: str):
         """Stage 1: both prompts of every concept, all 77 token rows, each with its own LoRA."""
         loras = [only_targets(c.lora, lambda t: stage_of_target(t) == "text_encoder") for c in self.concepts]
         prompts = []
         for concept in self.concepts:
             prompts += [PROMPT_TEMPLATE.format(concept.trigger.strip()), concept.trigger.strip()]
-        collector = self.collector(targets)
-        self.progress.update("text_encoder", 0, 1, message="encoding concept prompts")
-        with LoraRuntime(self.model.targets(), loras, [c.weight for c in self.concepts]) as runtime, collector.attached():
-            runtime.set_rows([frozenset([i]) for i in range(len(self.concepts))])
+        self.progress.update(stage, 0, 1, message=f"encoding concept prompts ({label})")
+        with LoraRuntime(self.model.targets(), loras, [c.weight for c in self.concepts]) as runtime, hooks.attached():
+            runtime.set_rows([frozenset([i]) for i in range(self.n)])
             with torch.no_grad():
                 self.model.encode(prompts)
-        return collector
 
-    def capture_cross_kv(self, targets) -> FeatureCollector:
-        """Stage 2: merged text encoder states at trigger tokens + EOS, rows cycled to a common count."""
-        collector = self.collector(targets)
+    def _cross_kv_rows(self) -> torch.Tensor:
+        """(N, R, C) merged text-encoder states at each concept's trigger tokens + EOS, cycled to one R."""
         prompt_sets = [[PROMPT_TEMPLATE.format(c.trigger.strip()), c.trigger.strip()] for c in self.concepts]
         blocks = []
-        with torch.no_grad():
+        with torch.no_grad(), self._merged_applied():
             for concept, prompts in zip(self.concepts, prompt_sets):
                 context = self.model.encode(prompts).context.float()  # (2, 77, C)
                 positions = trigger_rows(self.model, prompts, [concept.trigger.strip()] * len(prompts))
                 blocks.append(torch.cat([context[p, rows] for p, rows in enumerate(positions)]))
         common = max(block.shape[0] for block in blocks)
-        aligned = [block[torch.arange(common) % block.shape[0]] for block in blocks]
-        for target, module in targets.items():
-            base = layer_matrix(module)
-            aligned_here = [x.to(base) for x in aligned]
-            outputs = [
-                x @ (base if delta is None else base + delta.to(base)).T
-                for x, delta in zip(aligned_here, self.concept_deltas[target])
-            ]
-            collector.add(target, module, aligned_here, outputs)
-        return collector
+        return torch.stack([block[torch.arange(common) % block.shape[0]] for block in blocks])
 
-    def capture_unet(self, targets) -> FeatureCollector:
+    def capture_cross_kv(self, hooks: LayerHooks, label: str, stage: str):
+        """Stage 2: the layers' inputs are the text states themselves; outputs computed from the factors."""
+        self.progress.update(stage, 0, 1, message=f"encoding trigger tokens ({label})")
+        states = self._cross_kv_rows()
+        for target, module in hooks.targets.items():
+            base = layer_matrix(module)
+            x = states.to(base)  # (N, R, C)
+            outputs = x @ base.T
+            for i, factor in enumerate(self.factors(target)):
+                if factor is not None:
+                    outputs[i] += (x[i] @ factor.down.T.to(base)) @ factor.up.T.to(base)
+            hooks.observe(target, module, x, outputs, states)
+
+    def capture_unet(self, hooks: LayerHooks, label: str, stage: str):
         """Stage 3: sample every concept's prompt in one batch, its own UNet LoRA on its rows."""
         loras = [only_targets(c.lora, lambda t: stage_of_target(t) == "unet") for c in self.concepts]
-        collector = self.collector(targets)
-        cond = self.model.encode(self.prompts())
-        steps = self.settings.capture_steps
-        size = self.settings.capture_size or (1024 if self.model.arch == "sdxl" else 512)
+        merged = [as_lora("merged", self.merged)] if self.merged else []
+        with torch.no_grad(), LoraRuntime(self.model.targets(), merged):
+            cond = self.model.encode(self.prompts())
+        size = self.capture_size()
 
         def on_step(step, total):
-            self.progress.update("sampling", step + 1, total, message=f"sampling step {step + 1}/{total}")
+            self.progress.update(stage if stage == "report" else "sampling", step + 1, total,
+                                 message=f"sampling step {step + 1}/{total} ({label})")
 
-        with LoraRuntime(self.model.targets(), loras, [c.weight for c in self.concepts]) as runtime, collector.attached():
-            runtime.set_rows([frozenset([i]) for i in range(len(self.concepts))])
+        weights = [c.weight for c in self.concepts] + [1.0] * len(merged)
+        with LoraRuntime(self.model.targets(), loras + merged, weights) as runtime, hooks.attached():
+            runtime.set_rows([frozenset([i, *range(self.n, self.n + len(merged))]) for i in range(self.n)])
             with torch.no_grad():
                 sample(
                     self.model,
                     cond,
-                    steps=steps,
+                    steps=self.settings.capture_steps,
                     height=size,
                     width=size,
                     seed=self.settings.seed,
                     callback=on_step,
                 )
-        return collector
+
+
+@dataclass
+class _RawCost:
+    """One target whose statistics cannot be shared: the planner's unit for raw and exact captures."""
+
+    key: str
+    nbytes: int
+    fold_bytes: int = 0
+
+    @property
+    def targets(self) -> list[str]:
+        return [self.key]
+
+
+def budget_text(nbytes: int) -> str:
+    """Bytes as GiB for messages."""
+    return f"{nbytes / GIB:.2f} GiB"

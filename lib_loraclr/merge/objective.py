@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..lora.lowrank import LowRank
 from .stats import LayerStats
 
 DISTANCE_SQ_FLOOR = 1e-12  # the reference's clamp before sqrt
@@ -50,7 +51,8 @@ class MergeSettings:
     capture_steps: int = 20
     capture_size: int | None = None  # None = the model family's native size
     seed: int = 0
-    report: bool = True  # capture features for the quality report even for sum / svd
+    report: bool = True  # measure the quality report (a second, streaming capture pass)
+    max_memory_gb: float | None = None  # budget of the merge's statistics; None = from the machine or GPU
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -67,6 +69,8 @@ class MergeSettings:
             raise ValueError(f"MergeSettings.refine_iters must be >= 0, got {self.refine_iters}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"MergeSettings.rank must be >= 1 or None, got {self.rank}")
+        if self.max_memory_gb is not None and not 0 < self.max_memory_gb <= 1e6:
+            raise ValueError(f"MergeSettings.max_memory_gb must be above 0 and at most 1e6 GiB, or None, got {self.max_memory_gb}")
         if not 0 < self.energy <= 1:
             raise ValueError(f"MergeSettings.energy must be in (0, 1], got {self.energy}")
 
@@ -111,6 +115,14 @@ def check_deltas(deltas: list[torch.Tensor | None], n_concepts: int, weight_shap
     for i, delta in enumerate(deltas):
         if delta is not None and tuple(delta.shape) != tuple(weight_shape):
             raise ValueError(f"delta of concept {i} has shape {tuple(delta.shape)}, the layer weight is {tuple(weight_shape)}")
+
+
+def check_factors(factors: list[LowRank | None], n_concepts: int, weight_shape: tuple[int, int]) -> None:
+    if len(factors) != n_concepts:
+        raise ValueError(f"got {len(factors)} concept factors for {n_concepts} concepts")
+    for i, factor in enumerate(factors):
+        if factor is not None and factor.shape != tuple(weight_shape):
+            raise ValueError(f"delta of concept {i} has shape {factor.shape}, the layer weight is {tuple(weight_shape)}")
 
 
 def feature_blocks(
@@ -175,7 +187,7 @@ def exact_loss(dW, base_weight, inputs, deltas, settings: MergeSettings) -> torc
 
 
 class Surrogate:
-    """The loss from statistics alone (float64, differentiable in dW), an upper bound of the true loss.
+    """The loss from exact statistics alone (float64, differentiable in dW), an upper bound of the true loss.
 
     With E_i = dW - Delta_i: ||Yhat_i - Y_i||^2 = tr(E_i G_i E_i^T) and
     ||Yhat_i||^2 = ||Y_i||^2 + 2 <E_i G_i, W_i> + ||Yhat_i - Y_i||^2 are exact. For the negatives,
@@ -183,26 +195,29 @@ class Surrogate:
     inequality; relu(margin - d)^2 decreases in d, so the bound can only overstate the hinge,
     and it is exact whenever the bound reaches the margin (hinge certified zero).
 
-    A_i = Delta_i G_i is computed once, so an evaluation costs two (D_in, D_out, D_in) products
-    (dW^T dW and dW^T W0, paired with every G_i) instead of one per concept, or, while the
-    statistics still hold the raw rows (fewer than D_in), products with those rows only.
+    Each concept enters through its factors Delta_i = U_i D_i and P_i = D_i G_i (r_i, D_in), so
+    <Delta_i G_i, M> = <P_i, U_i^T M> never needs a dense per-concept matrix.
     """
 
-    def __init__(self, stats: LayerStats, deltas: list[torch.Tensor | None]):
-        check_deltas(deltas, stats.n_concepts, tuple(stats.base_weight.shape))
+    def __init__(self, stats: LayerStats, factors: list[LowRank | None]):
+        check_factors(factors, stats.n_concepts, tuple(stats.base_weight.shape))
         if stats.rows == 0:
             raise ValueError("LayerStats holds no rows: nothing was captured for this layer")
         self.stats = stats
         base = stats.base_weight
-        self.delta_grams = [None if d is None else stats.times_gram(i, d.to(base)) for i, d in enumerate(deltas)]  # A_i (D_out, D_in)
+        self.ups = [None if f is None else f.up.to(base) for f in factors]  # U_i (D_out, r_i)
+        self.projections = [None if f is None else stats.times_gram(i, f.down.to(base)) for i, f in enumerate(factors)]  # P_i
         zero = torch.zeros((), dtype=base.dtype, device=base.device)
-        self.delta_energy = torch.stack([zero if a is None else (a * d.to(base)).sum() for a, d in zip(self.delta_grams, deltas)])
-        self.delta_base = torch.stack([zero if a is None else (a * base).sum() for a in self.delta_grams])
+        self.delta_energy = torch.stack([
+            zero if f is None else ((u.T @ u) * (p @ f.down.to(base).T)).sum()
+            for f, u, p in zip(factors, self.ups, self.projections)
+        ])  # (N,) ||X_i Delta_i^T||^2
+        self.delta_base = self.linear(base)  # (N,) <Delta_i G_i, W0>
 
-    def linear_sum(self) -> torch.Tensor:
-        """sum_i A_i = sum_i Delta_i G_i, (D_out, D_in)."""
-        present = [a for a in self.delta_grams if a is not None]
-        return torch.stack(present).sum(0) if present else torch.zeros_like(self.stats.base_weight)
+    def linear(self, matrix: torch.Tensor) -> torch.Tensor:
+        """(N,) <Delta_i G_i, matrix> for a (D_out, D_in) matrix."""
+        zero = torch.zeros((), dtype=matrix.dtype, device=matrix.device)
+        return torch.stack([zero if u is None else (p * (u.T @ matrix)).sum() for u, p in zip(self.ups, self.projections)])
 
     def terms(self, dW: torch.Tensor, settings: MergeSettings) -> LossTerms:
         stats = self.stats
@@ -210,8 +225,7 @@ class Surrogate:
         dW = dW.to(base)
         quadratic = stats.quadratic_forms(dW, dW)  # (N,) tr(dW G_i dW^T)
         with_base = stats.quadratic_forms(dW, base)  # (N,) <dW G_i, W0>
-        zero = torch.zeros((), dtype=base.dtype, device=base.device)
-        linear = torch.stack([zero if a is None else (a * dW).sum() for a in self.delta_grams])  # (N,) <A_i, dW>
+        linear = self.linear(dW)  # (N,) <Delta_i G_i, dW>
         pos_sq = (quadratic - 2 * linear + self.delta_energy).clamp_min(0)  # (N,) ||Yhat_i - Y_i||^2
         cross = with_base + linear - self.delta_base - self.delta_energy  # (N,) <Yhat_i - Y_i, Y_i>
         target_sq = stats.target_inner.diagonal()
@@ -232,7 +246,7 @@ class Surrogate:
 
 
 def surrogate_terms(
-    dW: torch.Tensor, stats: LayerStats, deltas: list[torch.Tensor | None], settings: MergeSettings
+    dW: torch.Tensor, stats: LayerStats, factors: list[LowRank | None], settings: MergeSettings
 ) -> LossTerms:
-    """One-off ``Surrogate(stats, deltas).terms(dW, settings)``; build a ``Surrogate`` to evaluate many dW."""
-    return Surrogate(stats, deltas).terms(dW, settings)
+    """One-off ``Surrogate(stats, factors).terms(dW, settings)``; build a ``Surrogate`` to evaluate many dW."""
+    return Surrogate(stats, factors).terms(dW, settings)

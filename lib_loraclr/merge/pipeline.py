@@ -8,13 +8,12 @@ import time
 
 from .. import __version__
 from ..lora.base import LoraFile, sidecar_path
-from ..lora.writer import atomic_write, write_kohya_lora, write_sidecar
+from ..lora.writer import KohyaWriter, atomic_write, write_sidecar
 from ..model import ModelAccess
 from .engine import Concept, LoraclrMerge
 from .objective import MergeSettings
 from .progress import Progress
-from .report import format_table, quality
-from .solvers import solve_sum
+from .report import format_table
 
 
 def check_output(out_path: str, overwrite: bool):
@@ -47,7 +46,17 @@ def merge_to_file(
     started = time.perf_counter()
     progress.update("load", 1, 1, message=f"merging {len(concepts)} LoRAs with {settings.method}")
     merge = LoraclrMerge(model, concepts, settings, progress)
-    result = merge.run()
+    lossless = settings.method == "sum"
+    writer = KohyaWriter(
+        model.arch,
+        rank=settings.rank,
+        energy=1.0 if lossless else settings.energy,
+        max_rank=sum(max(m.rank for m in c.lora.modules.values()) for c in concepts) if lossless else settings.max_rank,
+        clamp_quantile=None if lossless else settings.clamp_quantile,
+    )
+    result = merge.run(writer)
+    writer.seal()
+    reports = merge.measure(writer) if settings.report else {}
 
     progress.update("write", 0, 2, message="writing the merged LoRA")
     names = [c.lora.name for c in concepts]
@@ -62,32 +71,10 @@ def merge_to_file(
         "ss_output_name": os.path.splitext(os.path.basename(out_path))[0],
         "ss_tag_frequency": json.dumps({"loraclr": {c.trigger: 1 for c in concepts}}),
     }
-    reports: dict[str, dict] = {}
-
-    def measure(written_deltas) -> dict:
-        """Quality of the deltas exactly as stored, for the metadata and the report."""
-        if not result.stats:
-            return {}
-        progress.update("write", 1, 2, message="measuring the quality of the written LoRA")
-        reports[settings.method] = quality(result.stats, result.stage_of, result.concept_deltas, written_deltas, names)
-        if settings.method != "sum":
-            sum_deltas = {t: solve_sum(None, d)[0] for t, d in result.concept_deltas.items()}
-            reports["sum"] = quality(result.stats, result.stage_of, result.concept_deltas, sum_deltas, names)
-        return {"loraclr_quality": {m: {n: f["overall"] for n, f in r.items()} for m, r in reports.items()}}
-
-    lossless = settings.method == "sum"
-    written = write_kohya_lora(
-        out_path,
-        result.deltas,
-        model.arch,
-        rank=settings.rank,
-        energy=1.0 if lossless else settings.energy,
-        max_rank=sum(max(m.rank for m in c.lora.modules.values()) for c in concepts) if lossless else settings.max_rank,
-        clamp_quantile=None if lossless else settings.clamp_quantile,
-        metadata=metadata,
-        overwrite=overwrite,
-        metadata_from_written=measure,
-    )
+    if reports:
+        metadata["loraclr_quality"] = {m: {n: f["overall"] for n, f in r.items()} for m, r in reports.items()}
+    write_started = time.perf_counter()
+    written = writer.save(out_path, metadata, overwrite)
     write_sidecar(out_path, ", ".join(c.trigger for c in concepts), overwrite=overwrite, arch=model.arch,
                   description=f"LoRACLR merge ({settings.method}) of {', '.join(names)}")
     summary = {
@@ -95,10 +82,12 @@ def merge_to_file(
         "method": settings.method,
         "solver": settings.solver if settings.method == "loraclr" else None,
         "concepts": [{"file": c.lora.path, "trigger": c.trigger, "weight": c.weight} for c in concepts],
-        "layers": len(result.deltas),
+        "layers": len(written["ranks"]),
         "ranks": written["ranks"],
         "svd_errors": written["errors"],
-        "seconds": {**result.seconds, "total": time.perf_counter() - started},
+        "seconds": {**result.seconds, "write": time.perf_counter() - write_started, "total": time.perf_counter() - started},
+        "memory": {"budget_bytes": result.budget_bytes, "passes": result.passes,
+                   "peak_statistics_bytes": result.peak_stats_bytes},
         "quality": reports,
         "settings": settings.to_dict(),
     }

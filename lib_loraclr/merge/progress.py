@@ -20,12 +20,13 @@ class ProgressState:
 
 # Rough share of the run each stage takes, so one bar can move smoothly across stages.
 STAGE_SPAN = {
-    "load": (0.0, 0.05),
-    "text_encoder": (0.05, 0.2),
-    "cross_kv": (0.2, 0.3),
-    "sampling": (0.3, 0.75),
-    "unet": (0.75, 0.9),
-    "write": (0.9, 1.0),
+    "load": (0.0, 0.03),
+    "text_encoder": (0.03, 0.15),
+    "cross_kv": (0.15, 0.2),
+    "sampling": (0.2, 0.6),
+    "unet": (0.6, 0.75),
+    "report": (0.75, 0.95),
+    "write": (0.95, 1.0),
 }
 
 

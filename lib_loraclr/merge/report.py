@@ -5,7 +5,8 @@ file adds M_i = X_i dW^T. Retention is the share of E_i present in M_i (projecti
 coefficient, 1 = all of it); crosstalk is the part of M_i orthogonal to E_i relative to
 |E_i| (other concepts' effects leaking onto concept i; 0 = none); error is |M_i - E_i| / |E_i|,
 the distance the merge objective minimises (0 = behaves exactly like the concept's own LoRA).
-All come from the Gram matrices, so they cost nothing extra and cover every captured row.
+They are measured in a second capture pass over the same (seeded) features, on the merged
+deltas as written, streaming: nothing per concept is kept but three numbers per layer.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .stats import LayerStats
+from .capture import LayerHooks
 
 GROUPS = ("text_encoder", "cross_kv", "unet")
 
@@ -43,30 +44,54 @@ class Accumulator:
         }
 
 
-def quality(
-    stats: dict[str, LayerStats],
-    stage_of: dict[str, str],
-    concept_deltas: dict[str, list[torch.Tensor | None]],
-    merged: dict[str, torch.Tensor],
-    concept_names: list[str],
-) -> dict:
-    """{concept: {group or "overall": {"retention", "crosstalk"}}} for one merged delta set."""
-    accumulators = {name: {g: Accumulator() for g in (*GROUPS, "overall")} for name in concept_names}
-    for target, layer_stats in stats.items():
-        if target not in merged:
-            continue
-        for i, name in enumerate(concept_names):
-            gram = layer_stats.gram(i)  # (D_in, D_in) float64
-            merged_delta = merged[target].reshape(merged[target].shape[0], -1).to(gram)
-            own_delta = concept_deltas[target][i]
-            merged_gram = merged_delta @ gram  # (D_out, D_in)
-            merged_sq = float((merged_gram * merged_delta).sum())
-            if own_delta is None:
-                own_sq, overlap = 0.0, 0.0
+class ReportCollector(LayerHooks):
+    """Streams, per target and concept, |E_i|^2 and each measured merge's <M_i, E_i> and |M_i|^2.
+
+    ``concept_factors(target)`` gives the concepts' Delta_i factors, ``merges`` maps a method
+    name to ``target -> LowRank | None`` (the merged delta as measured). Nothing is kept but
+    the scalars, so one capture pass measures every layer of a stage.
+    """
+
+    def __init__(self, targets, concept_factors, merges: dict, n_concepts: int):
+        super().__init__(targets, n_concepts)
+        self.concept_factors = concept_factors
+        self.merges = merges
+        self.sums: dict[str, dict[str, torch.Tensor]] = {
+            method: {} for method in merges
+        }  # method -> target -> (N, 3) float64 [own, overlap, merged]
+
+    def observe(self, name, module, x, y, source):
+        factors = self.concept_factors(name)
+        own = []  # per concept E_i (R, D_out) or None
+        for i, factor in enumerate(factors):
+            if factor is None:
+                own.append(None)
+                continue
+            factor = factor.to(x.device, x.dtype)
+            own.append((x[i] @ factor.down.T) @ factor.up.T)
+        for method, merged_of in self.merges.items():
+            merged = merged_of(name)
+            sums = self.sums[method].setdefault(
+                name, torch.zeros(self.n_concepts, 3, dtype=torch.float64, device=x.device)
+            )
+            if merged is None:
+                effect = torch.zeros_like(y)
             else:
-                own_delta = own_delta.to(gram)
-                own_sq = float(((own_delta @ gram) * own_delta).sum())
-                overlap = float((merged_gram * own_delta).sum())
+                merged = merged.to(x.device, x.dtype)
+                effect = (x @ merged.down.T) @ merged.up.T  # (N, R, D_out) M_i
+            for i, own_effect in enumerate(own):
+                if own_effect is not None:
+                    sums[i, 0] += own_effect.double().square().sum()
+                    sums[i, 1] += (effect[i].double() * own_effect.double()).sum()
+                sums[i, 2] += effect[i].double().square().sum()
+
+
+def quality(collected: dict[str, torch.Tensor], stage_of: dict[str, str], concept_names: list[str]) -> dict:
+    """{concept: {group or "overall": figures}} from one method's per-target (N, 3) sums."""
+    accumulators = {name: {g: Accumulator() for g in (*GROUPS, "overall")} for name in concept_names}
+    for target, sums in collected.items():
+        for i, name in enumerate(concept_names):
+            own_sq, overlap, merged_sq = (float(v) for v in sums[i])
             for group in (stage_of[target], "overall"):
                 accumulators[name][group].add(own_sq, overlap, merged_sq)
     return {name: {g: acc.figures() for g, acc in groups.items()} for name, groups in accumulators.items()}

@@ -1,19 +1,22 @@
 """Per-layer solvers: the authors' AdamW loop, the closed-form fast solver, and the baselines.
 
-Every statistics-based solver has the signature ``fn(stats, deltas, settings) -> (dW, info)``:
-``deltas`` are the concepts' Delta_i (D_out, D_in) or None where a LoRA does not touch the
-layer, dW is the merged delta (float32, on the statistics' device) and ``info`` a JSON-able
-dict for reports. ``solve_reference`` needs the raw aligned inputs instead of statistics.
+Every statistics-based solver has the signature ``fn(stats, factors, settings) -> (dW, info)``:
+``factors`` are the concepts' Delta_i = U_i D_i as ``LowRank`` (matrix form) or None where a
+LoRA does not touch the layer; ``stats`` streamed ``TargetStats`` or exact ``LayerStats``; dW
+is the merged delta as fp32 factors and ``info`` a JSON-able dict for reports.
+``solve_reference`` needs the raw aligned inputs instead of statistics.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
-from .objective import MergeSettings, Surrogate, check_deltas, feature_blocks, loss_terms
-from .stats import LayerStats
+from ..lora.lowrank import LowRank
+from .objective import MergeSettings, Surrogate, check_factors, feature_blocks, loss_terms
+from .stats import LayerStats, TargetStats, stacked_factors
 
 
 def _now(device: torch.device) -> float:
@@ -25,9 +28,9 @@ def _now(device: torch.device) -> float:
 def solve_reference(
     base_weight: torch.Tensor,
     inputs: list[torch.Tensor],
-    deltas: list[torch.Tensor | None],
+    factors: list[LowRank | None],
     settings: MergeSettings,
-) -> tuple[torch.Tensor, dict]:
+) -> tuple[LowRank, dict]:
     """The authors' procedure on raw aligned inputs X_i (R, D_in), in fp32 (they used fp16 autocast).
 
     dW starts at zero; each of ``iters`` AdamW steps first evaluates the loss, snapshots dW if
@@ -35,6 +38,7 @@ def solve_reference(
     """
     base_weight = base_weight.detach().float()
     started = _now(base_weight.device)
+    deltas = [None if f is None else f.to(base_weight).dense() for f in factors]
     stacked, targets = feature_blocks(base_weight, inputs, deltas)  # (N, R, D_in), (N, R, D_out)
     merged_delta = torch.nn.Parameter(torch.zeros_like(base_weight))
     optimizer = torch.optim.AdamW([merged_delta], lr=settings.lr, weight_decay=settings.weight_decay)
@@ -56,13 +60,23 @@ def solve_reference(
         "best_iter": best_iter,
         "loss_history": history,
     }
-    return best_delta, info
+    return dense_factors(best_delta), info
+
+
+def dense_factors(matrix: torch.Tensor) -> LowRank:
+    """An exact (thin SVD) factor pair of a dense (D_out, D_in) delta, for the writer and the runtime."""
+    u, s, vh = torch.linalg.svd(matrix.detach().float(), full_matrices=False)
+    return LowRank((u * s).contiguous(), vh.contiguous())
 
 
 def minimise_quadratic_plus_norm(
-    eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, linear: torch.Tensor, lambda_reg: float
-) -> tuple[torch.Tensor, float | None, int]:
-    """Global minimiser of tr(dW H dW^T) - 2 <dW, B> + lambda_reg * ||dW||_F, H = V diag(s) V^T PSD.
+    eigenvalues: torch.Tensor,
+    eigenvectors: torch.Tensor,
+    up: torch.Tensor,
+    projections: torch.Tensor,
+    lambda_reg: float,
+) -> tuple[LowRank, float | None, int]:
+    """Global minimiser of tr(dW H dW^T) - 2 <dW, B> + lambda_reg * ||dW||_F, H = V diag(s) V^T PSD, B = up @ projections.
 
     Stationarity gives dW(mu) = B (H + mu I)^-1 with mu = lambda_reg / (2 ||dW||). In the
     eigenbasis, with P = B V, mu * ||dW(mu)|| = sqrt(sum_k |P_k|^2 mu^2 / (s_k + mu)^2) rises
@@ -70,21 +84,24 @@ def minimise_quadratic_plus_norm(
     optimal: the zero subgradient condition) and is found by bisection on log mu. B's rows lie
     in range(H) (B is a combination of Delta_i G_i), so null directions of H are dropped: the
     solution is the minimum-norm one, leaving W0 alone where no feature reaches.
-    Returns (dW, mu or None when dW = 0 is optimal, rank of H).
+    B = up (D_out, K) @ projections (K, D_in) stays factored, and so does the result:
+    dW = up @ coefficients, (K, D_in). Returns (dW, mu or None when dW = 0 is optimal, rank of H).
     """
+    d_in = eigenvectors.shape[0]
+    zero = LowRank(up, projections.new_zeros(up.shape[1], d_in))
     if eigenvalues.numel() == 0 or eigenvalues.max() <= 0:
-        return torch.zeros_like(linear), None, 0
+        return zero, None, 0
     tolerance = eigenvalues.max() * eigenvalues.numel() * torch.finfo(eigenvalues.dtype).eps
     kept = eigenvalues > tolerance
     values, vectors = eigenvalues[kept], eigenvectors[:, kept]  # (k,), (D_in, k)
-    projected = linear @ vectors  # (D_out, k)
+    projected = projections @ vectors  # (K, k): B V = up @ projected
     if lambda_reg == 0:
-        return (projected / values) @ vectors.T, 0.0, int(kept.sum())
-    weight_sq = projected.pow(2).sum(0).cpu()  # (k,) |P_k|^2
+        return LowRank(up, (projected / values) @ vectors.T), 0.0, int(kept.sum())
+    weight_sq = ((up.T @ up) @ projected * projected).sum(0).clamp_min(0).cpu()  # (k,) |B v_k|^2
     half_reg = lambda_reg / 2
     norm = float(weight_sq.sum().sqrt())
     if norm <= half_reg * (1 + 1e-12):
-        return torch.zeros_like(linear), None, int(kept.sum())
+        return zero, None, int(kept.sum())
     values_cpu = values.cpu()
     ratio = half_reg / norm
     low = float(values_cpu.min()) * ratio / (1 - ratio)  # the root lies in [low, high]
@@ -97,51 +114,111 @@ def minimise_quadratic_plus_norm(
         else:
             high = mu
     mu = (low * high) ** 0.5
-    return (projected / (values + mu)) @ vectors.T, mu, int(kept.sum())
+    return LowRank(up, (projected / (values + mu)) @ vectors.T), mu, int(kept.sum())
 
 
-def _concept_weight(stats: LayerStats, settings: MergeSettings) -> float:
+def _concept_weight(stats, settings: MergeSettings) -> float:
     """c in sum_i c ||X_i (dW - Delta_i)^T||^2: the contrastive positives plus the mse share."""
     n = stats.n_concepts
-    return settings.lambda_con / n + settings.lambda_mse / (n * stats.rows * stats.base_weight.shape[0])
+    return settings.lambda_con / n + settings.lambda_mse / (n * stats.rows * stats.d_out)
 
 
-def solve_fast(stats: LayerStats, deltas: list[torch.Tensor | None], settings: MergeSettings) -> tuple[torch.Tensor, dict]:
+# Relative slack on the streamed statistics' norms: fp32 QR rounding is ~1e-7 of them.
+_STREAM_SLACK = 1e-4
+
+
+@dataclass
+class _System:
+    """The per-layer least-squares system in factored form, from either kind of statistics."""
+
+    eigenvalues: torch.Tensor  # (D_in,) or (m,) spectrum of H = sum_i G_i, float64
+    eigenvectors: torch.Tensor  # (D_in, k)
+    up: torch.Tensor  # (D_out, K) [U_1 .. U_N] of the present concepts
+    projections: torch.Tensor  # (K, D_in) [P_1; ..; P_N], P_i = D_i G_i
+    residual: object = None  # coefficients (K, D_in) -> sum_i ||X_i (up @ coef - Delta_i)^T||^2, streamed only
+
+
+def _system(stats: TargetStats | LayerStats, factors: list[LowRank | None]) -> _System:
+    up, _ = stacked_factors(factors)
+    if isinstance(stats, LayerStats):
+        base = stats.base_weight
+        projections = torch.cat([stats.times_gram(i, f.down.to(base)) for i, f in enumerate(factors) if f is not None])
+        values, vectors = stats.gram_sum_eigh()
+        return _System(values, vectors, up.to(base), projections)
+    triangle, _ = stats.inputs.factor(stats.target)  # (m, D_in + K): T^T T = [X | C]^T [X | C]
+    d_in = stats.inputs.d_in
+    inputs_part, coefficients_part = triangle[:, :d_in], triangle[:, d_in:]
+    if triangle.shape[0] >= d_in:
+        values, vectors = torch.linalg.eigh(inputs_part.T @ inputs_part)
+    else:
+        _, singular_values, right = torch.linalg.svd(inputs_part, full_matrices=False)
+        values, vectors = singular_values.square(), right.T
+    up = up.to(triangle)
+    up_gram = up.T @ up
+
+    def residual(coefficients: torch.Tensor) -> float:
+        error = inputs_part @ coefficients.T - coefficients_part  # (m, K): T ([coef; -I] applied)
+        return float(((error.T @ error) * up_gram).sum())
+
+    return _System(values, vectors, up, coefficients_part.T @ inputs_part, residual)
+
+
+def solve_fast(
+    stats: TargetStats | LayerStats, factors: list[LowRank | None], settings: MergeSettings
+) -> tuple[LowRank, dict]:
     """The LoRACLR objective from statistics: one eigh, a scalar root find, a certificate.
 
     All concepts share one weight c (aligned rows), so the hinge-free loss is
     c * sum_i tr((dW - Delta_i) G_i (dW - Delta_i)^T) + lambda_reg ||dW||, minimised globally by
     ``minimise_quadratic_plus_norm`` with H = c sum G_i, B = c sum Delta_i G_i. That value is a
-    lower bound of the true loss anywhere; if the surrogate certifies the hinge inactive there,
-    the point is the global minimiser of the true loss. Otherwise the surrogate (an upper bound)
-    is refined by L-BFGS from there and the best of {closed form, refined, zero} is kept.
+    lower bound of the true loss anywhere; if the hinge is certified inactive there, the point
+    is the global minimiser of the true loss. Exact statistics certify with the ``Surrogate``
+    and otherwise refine it by L-BFGS from there (best of {closed form, refined, zero}).
+    Streamed statistics certify with the bound ||Yhat_i - Y_j|| >= ||Y_i - Y_j|| - d_p,i,
+    d_p,i^2 <= sum_k d_p,k^2; when that fails, info["needs_exact"] asks the caller for
+    ``LayerStats`` of this layer and a second call.
     """
-    started = _now(stats.device)
-    surrogate = Surrogate(stats, deltas)
+    started = _now(stats.base_weight.device)
+    check_factors(factors, stats.n_concepts, tuple(stats.base_weight.shape))
+    if stats.rows == 0:
+        raise ValueError("no rows were captured for this layer")
     weight = _concept_weight(stats, settings)
-    eigenvalues, eigenvectors = stats.gram_sum_eigh()
-    merged_delta, mu, rank = minimise_quadratic_plus_norm(
-        weight * eigenvalues, eigenvectors, weight * surrogate.linear_sum(), settings.lambda_reg
+    system = _system(stats, factors)
+    merged, mu, rank = minimise_quadratic_plus_norm(
+        weight * system.eigenvalues, system.eigenvectors, system.up, weight * system.projections,
+        settings.lambda_reg,
     )
-    with torch.no_grad():
-        terms = surrogate.terms(merged_delta, settings)
-    lower_bound = float(terms.smooth_part(settings))
-    certified = terms.hinge_certified
-    best_loss, refined = float(terms.total), False
-    if not certified:
-        merged_delta, best_loss, refined, certified = _refine(merged_delta, best_loss, surrogate, settings)
-    info = {
-        "solver": "fast",
-        "seconds": _now(stats.device) - started,
-        "surrogate_loss": best_loss,
-        "loss_lower_bound": lower_bound,
-        "hinge_certified": certified,
-        "globally_optimal": terms.hinge_certified,
-        "refined": refined,
-        "mu": mu,
-        "rank": rank,
-    }
-    return merged_delta.float(), info
+    info = {"solver": "fast", "mu": mu, "rank": rank, "refined": False}
+    if system.residual is not None:
+        certified, loss = _certify_streamed(stats, merged, system, weight, settings)
+        info.update(surrogate_loss=loss, loss_lower_bound=loss, hinge_certified=certified,
+                    globally_optimal=certified, needs_exact=not certified)
+    else:
+        surrogate = Surrogate(stats, factors)
+        with torch.no_grad():
+            terms = surrogate.terms(merged.dense(), settings)
+        best_loss, certified, refined = float(terms.total), terms.hinge_certified, False
+        if not certified:
+            start = merged.dense()
+            dense, best_loss, refined, certified = _refine(start, best_loss, surrogate, settings)
+            merged = merged if dense is start else dense_factors(dense)
+        info.update(surrogate_loss=best_loss, loss_lower_bound=float(terms.smooth_part(settings)),
+                    hinge_certified=certified, globally_optimal=terms.hinge_certified, refined=refined)
+    info["seconds"] = _now(stats.base_weight.device) - started
+    return merged.to(torch.float32), info
+
+
+def _certify_streamed(stats: TargetStats, merged: LowRank, system: _System, weight: float, settings: MergeSettings):
+    """(hinge certified inactive, loss there) from the streamed statistics; the loss is exact when certified."""
+    residual = max(system.residual(merged.down), 0.0)  # sum_i d_p,i^2
+    up_gram = merged.up.T @ merged.up
+    norm = float(((up_gram @ merged.down) * merged.down).sum().clamp_min(0).sqrt())
+    own = max(system.residual(torch.zeros_like(merged.down)), 0.0)
+    d_pos_bound = (residual * (1 + _STREAM_SLACK) + _STREAM_SLACK * own) ** 0.5
+    distances = stats.target_distances() * (1 - _STREAM_SLACK)
+    distances.fill_diagonal_(float("inf"))
+    certified = bool((distances.min(dim=1).values - d_pos_bound >= settings.margin).all())
+    return certified, weight * residual + settings.lambda_reg * norm
 
 
 def _refine(start: torch.Tensor, start_loss: float, surrogate: Surrogate, settings: MergeSettings):
@@ -169,30 +246,28 @@ def _refine(start: torch.Tensor, start_loss: float, surrogate: Surrogate, settin
     return best["delta"], best["loss"], best["refined"], best["certified"]
 
 
-def solve_lsq(stats: LayerStats, deltas: list[torch.Tensor | None], settings: MergeSettings) -> tuple[torch.Tensor, dict]:
+def solve_lsq(
+    stats: TargetStats | LayerStats, factors: list[LowRank | None], settings: MergeSettings
+) -> tuple[LowRank, dict]:
     """Mix-of-Show gradient fusion: min_W mean ||X W^T - Y||^2 over all concepts' rows, closed form.
 
     Normal equations dW (sum G_i) = sum Delta_i G_i, solved on range(sum G_i): the minimum-norm
     dW, which is where their L-BFGS from W0 converges (its gradients never leave that range).
     """
-    started = _now(stats.device)
-    check_deltas(deltas, stats.n_concepts, tuple(stats.base_weight.shape))
+    started = _now(stats.base_weight.device)
+    check_factors(factors, stats.n_concepts, tuple(stats.base_weight.shape))
     if stats.rows == 0:
-        raise ValueError("LayerStats holds no rows: nothing was captured for this layer")
-    linear = torch.zeros_like(stats.base_weight)  # sum_i Delta_i G_i
-    for i, delta in enumerate(deltas):
-        if delta is not None:
-            linear += stats.times_gram(i, delta.to(linear))
-    eigenvalues, eigenvectors = stats.gram_sum_eigh()
-    merged_delta, _, rank = minimise_quadratic_plus_norm(eigenvalues, eigenvectors, linear, 0.0)
-    return merged_delta.float(), {"solver": "lsq", "seconds": _now(stats.device) - started, "rank": rank}
+        raise ValueError("no rows were captured for this layer")
+    system = _system(stats, factors)
+    merged, _, rank = minimise_quadratic_plus_norm(
+        system.eigenvalues, system.eigenvectors, system.up, system.projections, 0.0
+    )
+    return merged.to(torch.float32), {"solver": "lsq", "seconds": _now(stats.base_weight.device) - started, "rank": rank}
 
 
-def solve_sum(stats: LayerStats | None, deltas: list[torch.Tensor | None], settings: MergeSettings | None = None):
-    """Plain stacking, dW = sum_i Delta_i; needs no statistics (``stats`` may be None)."""
-    present = [delta for delta in deltas if delta is not None]
+def solve_sum(factors: list[LowRank | None]) -> tuple[LowRank, dict]:
+    """Plain stacking, dW = sum_i Delta_i, kept as the concatenated factors; needs no statistics."""
+    present = [factor for factor in factors if factor is not None]
     if not present:
         raise ValueError("solve_sum got no concept delta for this layer (all None)")
-    started = time.perf_counter()
-    merged_delta = torch.stack([delta.float() for delta in present]).sum(0)
-    return merged_delta, {"solver": "sum", "seconds": time.perf_counter() - started}
+    return LowRank.cat([factor.to(torch.float32) for factor in present]), {"solver": "sum", "seconds": 0.0}

@@ -1,26 +1,221 @@
-"""Streaming sufficient statistics of one layer's captured features, for the fast solvers.
+"""Streaming statistics of the captured layer features, for the fast solvers and the report.
 
-Everything the LoRACLR loss needs, except the hinge's exact negatives, is a quadratic form of
-dW in the per-concept Grams G_i = X_i^T X_i; the hinge's bound additionally needs the N x N
-target inner products T_ij = <Y_i, Y_j>, which per-concept Grams cannot give because they
-pair rows of different concepts (hence the aligned chunks). Memory is N*D_in^2 + N^2 numbers,
-whatever the number of rows.
+Per layer the LoRACLR objective (hinge aside) is ``sum_i ||X_i (dW - Delta_i)^T||^2`` plus a
+norm, with ``Delta_i = U_i D_i`` low rank. Its minimiser needs ``H = sum_i X_i^T X_i`` and
+``P_i = D_i X_i^T X_i`` (rank x D_in), nothing per concept of size D_in^2. Writing
+``C_i = X_i D_i^T`` (concept i's LoRA coefficients, (R, r_i)), both are blocks of the Gram of
+the stacked matrix ``[X | C]`` whose rows are every concept's rows, with C_i in concept i's
+columns and zeros elsewhere: ``H = X^T X`` and ``P_i^T = X^T C_i``.
 
-Accumulation is float64: activation Grams have condition numbers of 1e6 and more, and the
-solver inverts them on their whole range, so fp32 rounding (about r * 6e-8 of ||G|| per chunk
-of r rows) would swamp their small-eigenvalue directions; likewise the surrogate compares
-residual norms about 1e-6 of ||Y||^2. The cost is one D_in^2 float64 product per row chunk.
+``InputStats`` keeps that Gram as an upper-triangular factor R (``R^T R = [X | C]^T [X | C]``),
+folded in fp32 by QR (TSQR) as rows stream in. Householder QR is backward stable: R is the
+exact factor of rows perturbed by about eps32 of their norm, so every statistic derived from
+R is the exact statistic of one nearby feature set. That consistency is what an fp32 Gram
+lacks: its H and P_i carry independent rounding of eps32 * ||X||^2, and the solve
+``B H^-1`` amplifies the mismatch in weakly excited directions without bound. Layers that
+read the same input (q/k/v of one attention) share one R, each with its own C columns.
+While all rows together are fewer than the columns, the rows themselves are kept (cheaper,
+and exact per concept). The memory is (D_in + K)^2 floats per distinct input, K the sum of
+the LoRA ranks reading it, whatever the number of rows.
+
+``LayerStats`` is the exact per-concept form (float64 Grams ``G_i``), which the hinge's
+refinement needs; the merge builds it only for the rare layers whose hinge the streaming
+statistics cannot certify inactive.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..lora.lowrank import LowRank
+
+
+class InputStats:
+    """The triangular factor of ``[X | C]`` for one layer input read by one or more targets."""
+
+    def __init__(self, d_in: int, n_concepts: int, device: torch.device | str = "cpu"):
+        self.d_in = d_in
+        self.n_concepts = n_concepts
+        self.device = torch.device(device)
+        self.downs: list[list[torch.Tensor | None]] = []  # per column block: per concept D_i (r_i, D_in)
+        self.column_blocks: dict[str, list[slice | None]] = {}  # target -> per concept its C_i columns
+        self.width = d_in  # columns of [X | C]
+        self.rows = 0  # rows per concept
+        self._pending: list[torch.Tensor] = []  # (N, r, D_in) chunks not folded yet
+        self._pending_rows = 0
+        self._triangle: torch.Tensor | None = None  # (width, width) fp32, upper triangular
+
+    def register(self, target: str, downs: list[torch.Tensor | None]) -> None:
+        """Add a target reading this input: its concepts' down factors (r_i, D_in), None where absent."""
+        if self.rows:
+            raise RuntimeError("targets must be registered before rows are added")
+        blocks = []
+        for down in downs:
+            if down is None:
+                blocks.append(None)
+                continue
+            blocks.append(slice(self.width, self.width + down.shape[0]))
+            self.width += down.shape[0]
+        self.column_blocks[target] = blocks
+        self.downs.append([None if d is None else d.to(self.device, torch.float32) for d in downs])
+
+    @property
+    def kept(self) -> bool:
+        """True while every row is kept as it came (no QR has folded any)."""
+        return self._triangle is None
+
+    def nbytes(self) -> int:
+        held = sum(chunk.numel() for chunk in self._pending) + (0 if self._triangle is None else self._triangle.numel())
+        return 4 * held
+
+    def add(self, inputs: torch.Tensor) -> None:
+        """Concept-aligned input rows (N, r, D_in)."""
+        if inputs.dim() != 3 or inputs.shape[0] != self.n_concepts or inputs.shape[2] != self.d_in:
+            raise ValueError(f"expected ({self.n_concepts}, r, {self.d_in}) input rows, got {tuple(inputs.shape)}")
+        self._pending.append(inputs.detach().to(self.device, torch.float32))
+        self._pending_rows += inputs.shape[0] * inputs.shape[1]
+        self.rows += inputs.shape[1]
+        if self._pending_rows >= self.width:
+            self._fold()
+
+    def _augmented(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(N*r, width) rows of [X | C] for concept-aligned inputs (N, r, D_in)."""
+        n, r, _ = inputs.shape
+        rows = inputs.new_zeros(n, r, self.width)
+        rows[:, :, :self.d_in] = inputs
+        for downs, blocks in zip(self.downs, self.column_blocks.values()):
+            for i, (down, block) in enumerate(zip(downs, blocks)):
+                if down is not None:
+                    rows[i, :, block] = inputs[i] @ down.T
+        return rows.reshape(n * r, self.width)
+
+    def _fold(self) -> None:
+        """QR of [R; pending rows] in pieces of at most ``width`` rows, so the work space stays bounded."""
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        step = max(1, self.width // self.n_concepts)  # rows per concept in one piece
+        for chunk in pending:
+            for start in range(0, chunk.shape[1], step):
+                piece = self._augmented(chunk[:, start:start + step])
+                stacked = piece if self._triangle is None else torch.cat([self._triangle, piece])
+                triangle = torch.linalg.qr(stacked, mode="r").R
+                if triangle.shape[0] < self.width:  # fewer rows than columns so far: pad to square
+                    triangle = torch.cat([triangle, triangle.new_zeros(self.width - triangle.shape[0], self.width)])
+                self._triangle = triangle
+
+    def kept_rows(self) -> torch.Tensor | None:
+        """(N, R, D_in) fp32 rows while kept, else None."""
+        if not self.kept:
+            return None
+        if not self._pending:
+            return torch.zeros(self.n_concepts, 0, self.d_in, device=self.device)
+        return torch.cat(self._pending, dim=1)
+
+    def factor(self, target: str) -> tuple[torch.Tensor, list[slice | None]]:
+        """float64 T (m, D_in + K_t) with T^T T = [X | C_t]^T [X | C_t] for one target's columns.
+
+        Returns T and the per-concept column slices of C_t inside it (counted from D_in).
+        """
+        blocks = self.column_blocks[target]
+        columns = [torch.arange(self.d_in)]
+        local, offset = [], self.d_in
+        for block in blocks:
+            if block is None:
+                local.append(None)
+                continue
+            columns.append(torch.arange(block.start, block.stop))
+            local.append(slice(offset, offset + block.stop - block.start))
+            offset += block.stop - block.start
+        index = torch.cat(columns).to(self.device)
+        if self._triangle is not None and self._pending:
+            self._fold()
+        if self.kept:
+            rows = self.kept_rows()
+            matrix = self._augmented(rows) if rows.shape[1] else rows.new_zeros(0, self.width)
+        else:
+            matrix = self._triangle
+        return matrix.index_select(1, index).double(), local
+
+
+class TargetStats:
+    """What one target needs beyond its shared ``InputStats``: the targets' inner products T_ij.
+
+    T_ij = <Y_i, Y_j> of the concepts' aligned LoRA-applied output blocks (bias-free), N x N in
+    float64: the hinge's certificate needs the distances between concepts' targets, which no
+    per-concept statistic gives (they pair rows of different concepts).
+    """
+
+    def __init__(self, target: str, weight: torch.Tensor, inputs: InputStats):
+        self.target = target
+        self.inputs = inputs
+        self.n_concepts = inputs.n_concepts
+        self.d_out = int(weight.shape[0])
+        self._weight = weight  # the model's own, never copied: a pass holds many layers
+        self.target_inner = torch.zeros(self.n_concepts, self.n_concepts, dtype=torch.float64, device=inputs.device)
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """(D_out, D_in) view of the layer's weight."""
+        return self._weight.detach().reshape(self.d_out, -1)
+
+    @classmethod
+    def from_features(
+        cls,
+        base_weight: torch.Tensor,
+        inputs: list[torch.Tensor],
+        factors: list[LowRank | None],
+        chunk_rows: int = 4096,
+    ) -> "TargetStats":
+        """Streamed statistics of raw aligned inputs X_i (R, D_in), fp32, targets from the concept factors."""
+        if len({x.shape[0] for x in inputs}) != 1 or len(factors) != len(inputs):
+            raise ValueError("inputs must be aligned (same row count), one factor (or None) per input")
+        shared = InputStats(base_weight.shape[1], len(inputs), base_weight.device)
+        shared.register("layer", [None if f is None else f.down for f in factors])
+        stats = cls("layer", base_weight, shared)
+        base = base_weight.float()
+        for start in range(0, inputs[0].shape[0], chunk_rows):
+            x = torch.stack([x[start:start + chunk_rows] for x in inputs]).float()  # (N, r, D_in)
+            y = x @ base.T
+            for i, factor in enumerate(factors):
+                if factor is not None:
+                    y[i] += (x[i] @ factor.down.float().T) @ factor.up.float().T
+            shared.add(x)
+            stats.add_targets(y)
+        return stats
+
+    @property
+    def rows(self) -> int:
+        return self.inputs.rows
+
+    def add_targets(self, targets: torch.Tensor) -> None:
+        """Concept-aligned output rows (N, r, D_out)."""
+        flat = targets.detach().to(self.inputs.device, torch.float64).reshape(self.n_concepts, -1)
+        self.target_inner.addmm_(flat, flat.T)
+
+    def target_distances(self) -> torch.Tensor:
+        """(N, N) ||Y_i - Y_j||."""
+        return _distances(self.target_inner)
+
+    def exact(self) -> "LayerStats | None":
+        """The exact per-concept statistics, when the raw rows are still kept."""
+        rows = self.inputs.kept_rows()
+        if rows is None:
+            return None
+        stats = LayerStats(self.base_weight.float(), self.n_concepts)
+        stats.add_rows(rows.double(), self.target_inner)
+        return stats
+
+
+def _distances(target_inner: torch.Tensor) -> torch.Tensor:
+    sq_norms = target_inner.diagonal()
+    return (sq_norms[:, None] + sq_norms[None, :] - 2 * target_inner).clamp_min(0).sqrt()
+
 
 class LayerStats:
-    """G_i, T_ij and the row count of N concepts' aligned feature blocks for one weight (D_out, D_in).
+    """Exact per-concept statistics of N concepts' aligned blocks for one weight (D_out, D_in), float64.
 
-    Targets Y_i must be bias-free and equal X_i (W0 + Delta_i)^T (the concept's LoRA applied).
+    G_i = X_i^T X_i (or the rows themselves while all concepts' rows are fewer than D_in) and
+    T_ij = <Y_i, Y_j>. Targets Y_i must be bias-free and equal X_i (W0 + Delta_i)^T.
+    Memory N * D_in^2: built only for a layer whose hinge needs refining.
     """
 
     def __init__(self, base_weight: torch.Tensor, n_concepts: int):
@@ -30,15 +225,13 @@ class LayerStats:
             raise ValueError(f"LayerStats needs at least two concepts, got {n_concepts}")
         self.n_concepts = n_concepts
         self.base_weight = base_weight.detach().to(torch.float64)  # (D_out, D_in)
-        d_in = base_weight.shape[1]
-        self.grams = torch.zeros(n_concepts, d_in, d_in, dtype=torch.float64, device=base_weight.device)
+        self.d_out = int(base_weight.shape[0])
+        self.grams: torch.Tensor | None = None  # (N, D_in, D_in) once the rows are too many to keep
         self.target_inner = torch.zeros(n_concepts, n_concepts, dtype=torch.float64, device=base_weight.device)
         self.rows = 0  # rows per concept (aligned, so one count)
-        # While all concepts' rows together are fewer than D_in, the rows themselves are the
-        # cheaper representation of the Grams (products cost R instead of D_in per row of G).
         self._input_rows: torch.Tensor | None = torch.zeros(
-            n_concepts, 0, d_in, dtype=torch.float64, device=base_weight.device
-        )  # (N, R, D_in) while kept, None once dropped
+            n_concepts, 0, base_weight.shape[1], dtype=torch.float64, device=base_weight.device
+        )  # (N, R, D_in) while kept
 
     @property
     def device(self) -> torch.device:
@@ -58,14 +251,23 @@ class LayerStats:
                     f"concept {i}: chunks must be ({rows}, {d_in}) inputs and ({rows}, {d_out}) targets "
                     f"(rows aligned across concepts), got {tuple(x.shape)} and {tuple(y.shape)}"
                 )
-        inputs = torch.stack(input_chunks).to(self.device, torch.float64)  # (N, r, D_in)
-        self.grams.baddbmm_(inputs.transpose(1, 2), inputs)
-        if self._input_rows is not None:
-            kept = self.n_concepts * (self.rows + rows) <= d_in
-            self._input_rows = torch.cat([self._input_rows, inputs], dim=1) if kept else None
         targets = torch.stack(target_chunks).to(self.device, torch.float64).reshape(self.n_concepts, -1)  # (N, r*D_out)
         self.target_inner.addmm_(targets, targets.T)
-        self.rows += rows
+        self.add_rows(torch.stack(input_chunks).to(self.device, torch.float64))
+
+    def add_rows(self, inputs: torch.Tensor, target_inner: torch.Tensor | None = None) -> None:
+        """Aligned input rows (N, r, D_in) float64, and optionally their targets' inner products."""
+        if target_inner is not None:
+            self.target_inner += target_inner.to(self.target_inner)
+        if self._input_rows is not None and self.n_concepts * (self.rows + inputs.shape[1]) <= self.base_weight.shape[1]:
+            self._input_rows = torch.cat([self._input_rows, inputs], dim=1)
+        else:
+            if self.grams is None:
+                kept = self._input_rows
+                self.grams = kept.transpose(1, 2) @ kept
+                self._input_rows = None
+            self.grams.baddbmm_(inputs.transpose(1, 2), inputs)
+        self.rows += inputs.shape[1]
 
     @classmethod
     def from_features(
@@ -95,15 +297,18 @@ class LayerStats:
         """Eigenvalues and eigenvectors (columns) of sum_i G_i, from the rows themselves when few."""
         rows = self._rows()
         if rows is None:
+            if self.grams is None:
+                d_in = self.base_weight.shape[1]
+                return torch.linalg.eigh(torch.zeros(d_in, d_in, dtype=torch.float64, device=self.device))
             return torch.linalg.eigh(self.grams.sum(0))
         _, singular_values, right_vectors = torch.linalg.svd(rows.reshape(-1, rows.shape[-1]), full_matrices=False)
         return singular_values.square(), right_vectors.T
 
     def times_gram(self, i: int, matrix: torch.Tensor) -> torch.Tensor:
-        """matrix @ G_i for a (D_out, D_in) matrix."""
+        """matrix @ G_i for a (k, D_in) matrix."""
         rows = self._rows()
         if rows is None:
-            return matrix @ self.grams[i]
+            return matrix @ self.gram(i)
         return (matrix @ rows[i].T) @ rows[i]
 
     def quadratic_forms(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -115,9 +320,27 @@ class LayerStats:
 
     def gram(self, i: int) -> torch.Tensor:
         """G_i = X_i^T X_i, (D_in, D_in) float64."""
+        rows = self._rows()
+        if rows is not None:
+            return rows[i].T @ rows[i]
+        if self.grams is None:
+            d_in = self.base_weight.shape[1]
+            return torch.zeros(d_in, d_in, dtype=torch.float64, device=self.device)
         return self.grams[i]
 
     def target_distances(self) -> torch.Tensor:
         """(N, N) ||Y_i - Y_j|| from T (float64: the expansion's cancellation stays far below fp32 input rounding)."""
-        sq_norms = self.target_inner.diagonal()
-        return (sq_norms[:, None] + sq_norms[None, :] - 2 * self.target_inner).clamp_min(0).sqrt()
+        return _distances(self.target_inner)
+
+
+def stacked_factors(factors: list[LowRank | None]) -> tuple[torch.Tensor, list[slice | None]]:
+    """[U_1 .. U_N] (D_out, K) float64 of the present concepts, and each concept's column slice."""
+    ups, blocks, offset = [], [], 0
+    for factor in factors:
+        if factor is None:
+            blocks.append(None)
+            continue
+        ups.append(factor.up.double())
+        blocks.append(slice(offset, offset + factor.rank))
+        offset += factor.rank
+    return torch.cat(ups, dim=1), blocks

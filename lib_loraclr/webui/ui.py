@@ -39,6 +39,8 @@ MERGE_FIELDS = (
     ("max_rank", "Maximum rank", "int"),
     ("clamp_quantile", "Clamp quantile (0 = off)", "number"),
     ("seed", "Seed", "int"),
+    ("max_memory_gb", "Memory budget in GiB (0 = automatic)", "number"),
+    ("report", "Measure the quality report (one more capture pass)", "bool"),
 )
 
 
@@ -88,8 +90,10 @@ def merge_request_from_ui(rows, method, output, rank, overwrite, advanced: dict)
     for name, value in advanced.items():
         if name == "capture_size":
             value = int(value) or None
-        elif name == "clamp_quantile":
+        elif name in ("clamp_quantile", "max_memory_gb"):
             value = float(value) or None
+        elif kinds[name] == "bool":
+            value = bool(value)
         elif kinds[name] == "int":
             value = int(value)
         settings[name] = value
@@ -170,6 +174,8 @@ def build_merge_tab(service: MergeService, *, method: str = "loraclr", show_all_
                     value = getattr(defaults, name)
                     if kind == "solver":
                         advanced[name] = gr.Radio(label=label, choices=list(SOLVERS), value=value)
+                    elif kind == "bool":
+                        advanced[name] = gr.Checkbox(label=label, value=value)
                     else:
                         advanced[name] = gr.Number(
                             label=label, value=value or 0, precision=0 if kind == "int" else None

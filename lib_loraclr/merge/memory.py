@@ -1,0 +1,106 @@
+"""The merge's memory budget: how much its statistics may hold, and which layers share a capture pass.
+
+The statistics of every layer of a full-width SDXL do not fit beside the model on a 32 GB
+machine, so the (seeded, hence repeatable) capture runs once per group of layers whose
+statistics fit the budget. Sizes are exact for what the statistics allocate (see
+``stats.InputStats``); activations and the written file are estimated and reserved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .capture import input_key
+
+GIB = 2 ** 30
+DEFAULT_CAP = 4 * GIB  # the merge's own memory beyond the model, unless the user allows more
+FLOAT = 4  # bytes of the fp32 statistics
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory of the device the statistics live on (RAM: MemAvailable)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * GIB
+
+
+def default_budget(device: torch.device) -> int:
+    """Half of what is free now, at most ``DEFAULT_CAP``."""
+    return int(min(DEFAULT_CAP, 0.5 * available_bytes(device)))
+
+
+def budget_bytes(max_memory_gb: float | None, device: torch.device) -> int:
+    return default_budget(device) if max_memory_gb is None else int(max_memory_gb * GIB)
+
+
+@dataclass
+class InputCost:
+    key: str
+    targets: list[str]
+    nbytes: int  # what its statistics hold at most
+    fold_bytes: int  # transient work space while folding rows into the factor
+
+
+def stream_costs(
+    targets: dict[str, torch.nn.Module], ranks: dict[str, int], n_concepts: int, rows: dict[str, int] | None = None
+) -> list[InputCost]:
+    """Per distinct input (in model order): the bytes of its ``InputStats``.
+
+    ``ranks[target]`` is the sum of the concepts' ranks there; ``rows[target]`` the rows per
+    concept a capture will feed (None: unknown, assume the factor is needed).
+    """
+    groups: dict[str, InputCost] = {}
+    widths: dict[str, int] = {}
+    d_ins: dict[str, int] = {}
+    for name, module in targets.items():
+        key = input_key(name)
+        weight = module.weight
+        d_ins[key] = int(weight[0].numel())
+        widths[key] = widths.get(key, d_ins[key]) + ranks[name]
+        groups.setdefault(key, InputCost(key, [], 0, 0)).targets.append(name)
+    for key, cost in groups.items():
+        width, d_in = widths[key], d_ins[key]
+        total_rows = None if rows is None else n_concepts * max(rows.get(t, 0) for t in cost.targets)
+        if total_rows is not None and total_rows < width:
+            cost.nbytes = FLOAT * total_rows * d_in  # the rows stay as they are
+        else:
+            cost.nbytes = FLOAT * (width * width + width * d_in)  # triangle + pending rows
+            cost.fold_bytes = FLOAT * 3 * width * width
+        cost.nbytes += 8 * n_concepts * n_concepts * len(cost.targets)
+    return list(groups.values())
+
+
+def exact_bytes(module: torch.nn.Module, n_concepts: int) -> int:
+    """``LayerStats`` of one target: N float64 Grams (or fewer rows) and the base weight."""
+    d_out, d_in = module.weight.shape[0], module.weight[0].numel()
+    return 8 * (n_concepts * d_in * d_in + d_out * d_in)
+
+
+def plan_passes(costs: list[InputCost], budget: int) -> list[list[str]]:
+    """Consecutive inputs packed into passes whose statistics fit ``budget``; targets per pass.
+
+    An input larger than the budget on its own still gets a pass (it cannot be split).
+    """
+    passes: list[list[str]] = []
+    current: list[str] = []
+    used = fold = 0  # bytes held, largest transient fold in the pass
+    for cost in costs:
+        if current and used + cost.nbytes + max(fold, cost.fold_bytes) > budget:
+            passes.append(current)
+            current, used, fold = [], 0, 0
+        current.extend(cost.targets)
+        used += cost.nbytes
+        fold = max(fold, cost.fold_bytes)
+    if current:
+        passes.append(current)
+    return passes
