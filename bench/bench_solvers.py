@@ -1,7 +1,8 @@
-"""Reference (authors' AdamW loop) vs fast (statistics + closed form) LoRACLR layer solver.
+"""Reference (authors' AdamW loop) vs fast (streamed fp32 statistics + closed form) LoRACLR layer solver.
 
 Both solve the same synthetic SD1.5-sized layers; both results are scored with the exact loss
-on the raw features. The fast time includes building the statistics from the raw features.
+on the raw features. The fast time includes streaming the raw features into the statistics
+the merge uses (``TargetStats``: fp32 TSQR of the inputs and LoRA coefficients).
 
     python bench/bench_solvers.py [--quick] [--device cuda] [--max-rows 1024] [--concepts 2,4,8] [--threads 1]
 """
@@ -23,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lib_loraclr.merge.objective import MergeSettings, exact_loss  # noqa: E402
 from lib_loraclr.merge.solvers import solve_fast, solve_reference  # noqa: E402
-from lib_loraclr.merge.stats import LayerStats  # noqa: E402
+from lib_loraclr.lora.lowrank import LowRank  # noqa: E402
+from lib_loraclr.merge.stats import TargetStats  # noqa: E402
 
 # (name, D_in, D_out, rows of one concept at 512px over 20 sampling steps)
 LAYERS = [
@@ -44,15 +46,15 @@ def synthetic_layer(d_in, d_out, rows, n_concepts, device, seed):
     spectrum *= d_in ** 0.5 / spectrum.norm()  # unit mean power per feature, like normalised activations
     shared_mean = 0.5 * torch.randn(d_in, generator=gen)
     base = torch.randn(d_out, d_in, generator=gen) / d_in ** 0.5
-    inputs, deltas = [], []
+    inputs, factors = [], []
     for _ in range(n_concepts):
         mean = shared_mean + 0.2 * torch.randn(d_in, generator=gen)
         inputs.append(((torch.randn(rows, d_in, generator=gen) * spectrum) @ basis.T + mean).to(device))
         rank = int(torch.randint(8, 33, (1,), generator=gen))
-        delta = torch.randn(d_out, rank, generator=gen) @ torch.randn(rank, d_in, generator=gen)
+        up, down = torch.randn(d_out, rank, generator=gen), torch.randn(rank, d_in, generator=gen)
         relative = 0.05 + 0.15 * float(torch.rand(1, generator=gen))
-        deltas.append((delta * (relative * base.norm() / delta.norm())).to(device))
-    return base.to(device), inputs, deltas
+        factors.append(LowRank(up * (relative * base.norm() / (up @ down).norm()), down).to(device))
+    return base.to(device), inputs, factors
 
 
 def release_free_heap():
@@ -120,19 +122,20 @@ def timed(device, fn):
 
 
 def run_case(name, d_in, d_out, rows, n_concepts, device, settings, seed):
-    base, inputs, deltas = synthetic_layer(d_in, d_out, rows, n_concepts, device, seed)
+    base, inputs, factors = synthetic_layer(d_in, d_out, rows, n_concepts, device, seed)
+    deltas = [f.dense() for f in factors]
     with PeakMemory(device) as reference_memory:
         (reference_delta, _), reference_seconds, reference_cpu = timed(
-            device, lambda: solve_reference(base, inputs, deltas, settings)
+            device, lambda: solve_reference(base, inputs, factors, settings)
         )
     with PeakMemory(device) as fast_memory:
-        stats, stats_seconds, stats_cpu = timed(device, lambda: LayerStats.from_features(base, inputs, deltas))
-        (fast_delta, fast_info), solve_seconds, solve_cpu = timed(device, lambda: solve_fast(stats, deltas, settings))
+        stats, stats_seconds, stats_cpu = timed(device, lambda: TargetStats.from_features(base, inputs, factors))
+        (fast_delta, fast_info), solve_seconds, solve_cpu = timed(device, lambda: solve_fast(stats, factors, settings))
     del stats
     with torch.no_grad():
         zero_loss = float(exact_loss(torch.zeros_like(base), base, inputs, deltas, settings))
-        reference_loss = float(exact_loss(reference_delta, base, inputs, deltas, settings))
-        fast_loss = float(exact_loss(fast_delta, base, inputs, deltas, settings))
+        reference_loss = float(exact_loss(reference_delta.dense(), base, inputs, deltas, settings))
+        fast_loss = float(exact_loss(fast_delta.dense(), base, inputs, deltas, settings))
     fast_seconds = stats_seconds + solve_seconds
     return {
         "layer": name, "N": n_concepts, "rows": rows,
@@ -184,7 +187,7 @@ def main():
     print(" ".join(f"{key:{spec[0]}{width}}" for key, width, spec in COLUMNS))
     warm_base, warm_inputs, warm_deltas = synthetic_layer(64, 64, 64, 2, device, args.seed)  # first-call overheads
     solve_reference(warm_base, warm_inputs, warm_deltas, settings)
-    solve_fast(LayerStats.from_features(warm_base, warm_inputs, warm_deltas), warm_deltas, settings)
+    solve_fast(TargetStats.from_features(warm_base, warm_inputs, warm_deltas), warm_deltas, settings)
     rows_out = []
     for index, (name, d_in, d_out, full_rows) in enumerate(layers):
         for n_concepts in concept_counts:

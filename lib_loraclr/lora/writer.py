@@ -250,23 +250,18 @@ def write_kohya_lora(
     deltas: dict[str, torch.Tensor | LowRank],
     arch: str,
     *,
-    rank: int | None = None,
-    conv_rank: int | None = None,
-    energy: float = 0.95,
-    max_rank: int = 128,
-    clamp_quantile: float | None = 0.99,
     metadata: dict | None = None,
     overwrite: bool = False,
-    dtype: torch.dtype = torch.float16,
+    **options,
 ) -> dict:
-    """Factorise dense deltas (canonical target -> tensor) and write a kohya LoRA file (see ``KohyaWriter``).
+    """Factorise deltas (canonical target -> tensor or factors) and write a kohya LoRA file.
 
-    Errors are relative Frobenius errors of the truncated, clamped factors.
+    ``options`` are ``KohyaWriter``'s (rank, conv_rank, energy, max_rank, clamp_quantile,
+    dtype). Errors are relative Frobenius errors of the truncated, clamped factors.
     """
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another name or allow overwriting")
-    writer = KohyaWriter(arch, rank=rank, conv_rank=conv_rank, energy=energy, max_rank=max_rank,
-                         clamp_quantile=clamp_quantile, dtype=dtype)
+    writer = KohyaWriter(arch, **options)
     for target, delta in deltas.items():
         writer.add(target, delta)
     try:

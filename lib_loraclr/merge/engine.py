@@ -200,7 +200,7 @@ class LoraclrMerge:
     def _hand_over(self, target, module, delta: LowRank, info: dict, writer: KohyaWriter):
         if stage_of_target(target) != "unet":
             self.merged[target] = delta
-        writer.add(target, delta.to("cpu"), tuple(module.weight.shape))
+        writer.add(target, delta, tuple(module.weight.shape))
         self.result.layer_info[target] = info
 
     def _row_counts(self, stage: str, targets) -> dict[str, int]:

@@ -138,6 +138,17 @@ class _System:
     residual: object = None  # coefficients (K, D_in) -> sum_i ||X_i (up @ coef - Delta_i)^T||^2, streamed only
 
 
+def _gram_eigh(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of rows^T rows (D_in, D_in) for float64 rows (m, D_in), via the smaller of the two Grams."""
+    m, d_in = rows.shape
+    if m >= d_in:
+        return torch.linalg.eigh(rows.T @ rows)
+    values, left = torch.linalg.eigh(rows @ rows.T)  # (m,), (m, m): rows^T u / sqrt(s) are the eigenvectors
+    kept = values > values.max().clamp_min(0) * m * torch.finfo(values.dtype).eps
+    values, left = values[kept], left[:, kept]
+    return values, (rows.T @ left) / values.sqrt()
+
+
 def _system(stats: TargetStats | LayerStats, factors: list[LowRank | None]) -> _System:
     up, _ = stacked_factors(factors)
     if isinstance(stats, LayerStats):
@@ -148,11 +159,7 @@ def _system(stats: TargetStats | LayerStats, factors: list[LowRank | None]) -> _
     triangle, _ = stats.inputs.factor(stats.target)  # (m, D_in + K): T^T T = [X | C]^T [X | C]
     d_in = stats.inputs.d_in
     inputs_part, coefficients_part = triangle[:, :d_in], triangle[:, d_in:]
-    if triangle.shape[0] >= d_in:
-        values, vectors = torch.linalg.eigh(inputs_part.T @ inputs_part)
-    else:
-        _, singular_values, right = torch.linalg.svd(inputs_part, full_matrices=False)
-        values, vectors = singular_values.square(), right.T
+    values, vectors = _gram_eigh(inputs_part)
     up = up.to(triangle)
     up_gram = up.T @ up
 
