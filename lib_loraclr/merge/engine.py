@@ -206,7 +206,8 @@ class LoraclrMerge:
     def _row_counts(self, stage: str, targets) -> dict[str, int]:
         """Rows per concept each target will see over the whole capture (one cheap probe)."""
         if stage == "cross_kv":
-            return {t: self._cross_kv_rows()[0].shape[1] for t in targets}
+            rows = self._cross_kv_rows().shape[1]
+            return dict.fromkeys(targets, rows)
         counter = RowCounter(targets)
         prompt = self.prompts()[:1]
         with torch.no_grad(), counter.attached():
@@ -296,9 +297,9 @@ class LoraclrMerge:
     def measure(self, writer: KohyaWriter) -> dict:
         """Retention / crosstalk / error of the written file (and of plain stacking), one capture pass per stage."""
         names = [c.lora.name for c in self.concepts]
-        merges = {self.settings.method: writer.stored}
+        merges = {self.settings.method: lambda target, factors: writer.stored(target)}
         if self.settings.method != "sum":
-            merges["sum"] = lambda target: solve_sum(self.factors(target))[0]
+            merges["sum"] = lambda target, factors: solve_sum(factors)[0]
         collected = {method: {} for method in merges}
         started = time.perf_counter()
         for stage in STAGES:

@@ -48,8 +48,8 @@ class ReportCollector(LayerHooks):
     """Streams, per target and concept, |E_i|^2 and each measured merge's <M_i, E_i> and |M_i|^2.
 
     ``concept_factors(target)`` gives the concepts' Delta_i factors, ``merges`` maps a method
-    name to ``target -> LowRank | None`` (the merged delta as measured). Nothing is kept but
-    the scalars, so one capture pass measures every layer of a stage.
+    name to ``(target, concept factors) -> LowRank | None`` (the merged delta as measured).
+    Nothing is kept but the scalars, so one capture pass measures every layer of a stage.
     """
 
     def __init__(self, targets, concept_factors, merges: dict, n_concepts: int):
@@ -70,7 +70,7 @@ class ReportCollector(LayerHooks):
             factor = factor.to(x.device, x.dtype)
             own.append((x[i] @ factor.down.T) @ factor.up.T)
         for method, merged_of in self.merges.items():
-            merged = merged_of(name)
+            merged = merged_of(name, factors)
             sums = self.sums[method].setdefault(
                 name, torch.zeros(self.n_concepts, 3, dtype=torch.float64, device=x.device)
             )
