@@ -225,8 +225,8 @@ class LoraclrMerge:
         rows = self._row_counts(stage, targets)
         ranks = {t: self.rank_bound(t) for t in targets}
         if reference:  # raw rows per target, kept on the CPU
-            costs = [(t, 4 * self.n * rows.get(t, 0) * m.weight[0].numel()) for t, m in targets.items()]
-            passes = plan_passes([_RawCost(t, b) for t, b in costs], self.budget)
+            costs = [_RawCost(t, 4 * self.n * rows.get(t, 0) * m.weight[0].numel()) for t, m in targets.items()]
+            passes = plan_passes(costs, self.budget)
         else:
             passes = plan_passes(stream_costs(targets, ranks, self.n, rows), self.budget)
         self.result.passes[stage] = len(passes)
