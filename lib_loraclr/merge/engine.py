@@ -200,7 +200,10 @@ class LoraclrMerge:
     def _hand_over(self, target, module, delta: LowRank, info: dict, writer: KohyaWriter):
         if stage_of_target(target) != "unet":
             self.merged[target] = delta
+        started = time.perf_counter()
         writer.add(target, delta, tuple(module.weight.shape))
+        seconds = self.result.seconds
+        seconds["solve"] = seconds.get("solve", 0.0) + info.get("seconds", 0.0) + time.perf_counter() - started
         self.result.layer_info[target] = info
 
     def _row_counts(self, stage: str, targets) -> dict[str, int]:
