@@ -31,7 +31,7 @@ from ..model import ModelAccess
 from ..runtime import LoraRuntime, shapes_fit
 from ..sampling import sample
 from .capture import LayerHooks, StatsCollector, layer_matrix
-from .memory import GIB, budget_bytes, exact_bytes, plan_passes, stream_costs
+from .memory import GIB, InputCost, budget_bytes, exact_bytes, plan_passes, stream_costs
 from .objective import MergeSettings
 from .progress import Progress
 from .report import ReportCollector, quality
@@ -228,7 +228,7 @@ class LoraclrMerge:
         rows = self._row_counts(stage, targets)
         ranks = {t: self.rank_bound(t) for t in targets}
         if reference:  # raw rows per target, kept on the CPU
-            costs = [_RawCost(t, 4 * self.n * rows.get(t, 0) * m.weight[0].numel()) for t, m in targets.items()]
+            costs = [InputCost(t, [t], 4 * self.n * rows.get(t, 0) * m.weight[0].numel(), 0) for t, m in targets.items()]
             passes = plan_passes(costs, self.budget)
         else:
             passes = plan_passes(stream_costs(targets, ranks, self.n, rows), self.budget)
@@ -283,7 +283,7 @@ class LoraclrMerge:
 
     def _solve_exact(self, stage: str, targets: dict, writer: KohyaWriter):
         """Layers whose hinge the streamed statistics could not certify: exact per-concept statistics, refined."""
-        passes = plan_passes([_RawCost(t, exact_bytes(m, self.n)) for t, m in targets.items()], self.budget)
+        passes = plan_passes([InputCost(t, [t], exact_bytes(m, self.n), 0) for t, m in targets.items()], self.budget)
         self.result.passes[stage] += len(passes)
         for number, names in enumerate(passes, start=1):
             group = {t: targets[t] for t in names}
@@ -374,7 +374,7 @@ class LoraclrMerge:
         """Stage 3: sample every concept's prompt in one batch, its own UNet LoRA on its rows."""
         loras = [only_targets(c.lora, lambda t: stage_of_target(t) == "unet") for c in self.concepts]
         merged = [as_lora("merged", self.merged)] if self.merged else []
-        with torch.no_grad(), LoraRuntime(self.model.targets(), merged):
+        with torch.no_grad(), self._merged_applied():
             cond = self.model.encode(self.prompts())
         size = self.capture_size()
 
@@ -395,19 +395,6 @@ class LoraclrMerge:
                     seed=self.settings.seed,
                     callback=on_step,
                 )
-
-
-@dataclass
-class _RawCost:
-    """One target whose statistics cannot be shared: the planner's unit for raw and exact captures."""
-
-    key: str
-    nbytes: int
-    fold_bytes: int = 0
-
-    @property
-    def targets(self) -> list[str]:
-        return [self.key]
 
 
 def budget_text(nbytes: int) -> str:

@@ -45,6 +45,8 @@ def budget_bytes(max_memory_gb: float | None, device: torch.device) -> int:
 
 @dataclass
 class InputCost:
+    """The planner's unit: targets that must share a pass (one input's readers, or one target alone)."""
+
     key: str
     targets: list[str]
     nbytes: int  # what its statistics hold at most
