@@ -156,7 +156,7 @@ def _system(stats: TargetStats | LayerStats, factors: list[LowRank | None]) -> _
         projections = torch.cat([stats.times_gram(i, f.down.to(base)) for i, f in enumerate(factors) if f is not None])
         values, vectors = stats.gram_sum_eigh()
         return _System(values, vectors, up.to(base), projections)
-    triangle, _ = stats.inputs.factor(stats.target)  # (m, D_in + K): T^T T = [X | C]^T [X | C]
+    triangle = stats.inputs.factor(stats.target)  # (m, D_in + K): T^T T = [X | C]^T [X | C]
     d_in = stats.inputs.d_in
     inputs_part, coefficients_part = triangle[:, :d_in], triangle[:, d_in:]
     values, vectors = _gram_eigh(inputs_part)

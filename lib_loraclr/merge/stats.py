@@ -110,22 +110,10 @@ class InputStats:
             return torch.zeros(self.n_concepts, 0, self.d_in, device=self.device)
         return torch.cat(self._pending, dim=1)
 
-    def factor(self, target: str) -> tuple[torch.Tensor, list[slice | None]]:
-        """float64 T (m, D_in + K_t) with T^T T = [X | C_t]^T [X | C_t] for one target's columns.
-
-        Returns T and the per-concept column slices of C_t inside it (counted from D_in).
-        """
-        blocks = self.column_blocks[target]
-        columns = [torch.arange(self.d_in)]
-        local, offset = [], self.d_in
-        for block in blocks:
-            if block is None:
-                local.append(None)
-                continue
-            columns.append(torch.arange(block.start, block.stop))
-            local.append(slice(offset, offset + block.stop - block.start))
-            offset += block.stop - block.start
-        index = torch.cat(columns).to(self.device)
+    def factor(self, target: str) -> torch.Tensor:
+        """float64 T (m, D_in + K_t) with T^T T = [X | C_t]^T [X | C_t], C_t one target's columns in concept order."""
+        blocks = [block for block in self.column_blocks[target] if block is not None]
+        index = torch.cat([torch.arange(self.d_in)] + [torch.arange(b.start, b.stop) for b in blocks]).to(self.device)
         if self._triangle is not None and self._pending:
             self._fold()
         if self.kept:
@@ -133,7 +121,7 @@ class InputStats:
             matrix = self._augmented(rows) if rows.shape[1] else rows.new_zeros(0, self.width)
         else:
             matrix = self._triangle
-        return matrix.index_select(1, index).double(), local
+        return matrix.index_select(1, index).double()
 
 
 class TargetStats:
