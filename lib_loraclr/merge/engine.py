@@ -38,6 +38,7 @@ from .report import ReportCollector, quality
 from .solvers import solve_fast, solve_lsq, solve_reference, solve_sum
 
 PROMPT_TEMPLATE = "photo of a {}"
+WORKING_MARGIN = 3 * GIB // 4  # measured: a 12-LoRA SD1.5 merge holds ~0.9 GiB beyond its statistics and files
 STAGES = ("text_encoder", "cross_kv", "unet")
 
 
@@ -206,32 +207,47 @@ class LoraclrMerge:
         seconds["solve"] = seconds.get("solve", 0.0) + info.get("seconds", 0.0) + time.perf_counter() - started
         self.result.layer_info[target] = info
 
-    def _row_counts(self, stage: str, targets) -> dict[str, int]:
-        """Rows per concept each target will see over the whole capture (one cheap probe)."""
+    def _row_counts(self, stage: str, targets) -> tuple[dict[str, int], dict[str, int]]:
+        """Rows per concept each target sees in one forward, and over the whole capture (one cheap probe)."""
         if stage == "cross_kv":
             rows = self._cross_kv_rows().shape[1]
-            return dict.fromkeys(targets, rows)
+            return dict.fromkeys(targets, rows), dict.fromkeys(targets, rows)
         counter = RowCounter(targets)
         prompt = self.prompts()[:1]
         with torch.no_grad(), counter.attached():
             if stage == "text_encoder":
                 self.model.encode(prompt)
-                return {t: 2 * r for t, r in counter.rows.items()}  # two prompts per concept
+                return counter.rows, {t: 2 * r for t, r in counter.rows.items()}  # two prompts per concept
             size = self.capture_size() // self.model.vae_scale_factor
             latent = torch.zeros(1, self.model.latent_channels, size, size, device=self.device, dtype=self.model.dtype)
             self.model.unet_eps(latent, torch.tensor([999], device=self.device), self.model.encode(prompt))
-        return {t: r * self.settings.capture_steps for t, r in counter.rows.items()}
+        return counter.rows, {t: r * self.settings.capture_steps for t, r in counter.rows.items()}
+
+    def _statistics_budget(self, targets: dict, rows_per_forward: dict[str, int]) -> int:
+        """The budget less what a capture pass holds besides statistics (at least 1/4 of it for them).
+
+        Reserved: the batch's activations around the widest layer (its input and output and the
+        hooks' fp32 copies: about 3x), the LoRA files as read, and a fixed working margin.
+        """
+        activations = max(
+            (3 * 4 * self.n * rows_per_forward.get(t, 0) * (m.weight[0].numel() + m.weight.shape[0]) for t, m in targets.items()),
+            default=0,
+        )
+        files = sum(t.numel() * t.element_size() for c in self.concepts for m in c.lora.modules.values()
+                    for t in getattr(m, "tensors", {}).values())
+        return max(self.budget - activations - files - WORKING_MARGIN, self.budget // 4)
 
     def _solve_stage(self, stage: str, targets: dict, writer: KohyaWriter):
         reference = self.settings.method == "loraclr" and self.settings.solver == "reference"
         self.progress.update(stage, 0, len(targets), message=f"planning the {stage} capture")
-        rows = self._row_counts(stage, targets)
+        rows_per_forward, rows = self._row_counts(stage, targets)
         ranks = {t: self.rank_bound(t) for t in targets}
+        budget = self._statistics_budget(targets, rows_per_forward)
         if reference:  # raw rows per target, kept on the CPU
             costs = [InputCost(t, [t], 4 * self.n * rows.get(t, 0) * m.weight[0].numel(), 0) for t, m in targets.items()]
-            passes = plan_passes(costs, self.budget)
+            passes = plan_passes(costs, budget)
         else:
-            passes = plan_passes(stream_costs(targets, ranks, self.n, rows), self.budget)
+            passes = plan_passes(stream_costs(targets, ranks, self.n, rows), budget)
         self.result.passes[stage] = len(passes)
         if len(passes) > 1:
             self.progress.update(stage, 0, len(targets), message=(

@@ -56,7 +56,7 @@ class InputCost:
 def stream_costs(
     targets: dict[str, torch.nn.Module], ranks: dict[str, int], n_concepts: int, rows: dict[str, int] | None = None
 ) -> list[InputCost]:
-    """Per distinct input (in model order): the bytes of its ``InputStats``.
+    """Per distinct input (in model order): the bytes of its ``InputStats`` and of its readers' LoRA factors.
 
     ``ranks[target]`` is the sum of the concepts' ranks there; ``rows[target]`` the rows per
     concept a capture will feed (None: unknown, assume the factor is needed).
@@ -78,7 +78,9 @@ def stream_costs(
         else:
             cost.nbytes = FLOAT * (width * width + width * d_in)  # triangle + pending rows
             cost.fold_bytes = FLOAT * 3 * width * width
-        cost.nbytes += 8 * n_concepts * n_concepts * len(cost.targets)
+        cost.nbytes += 8 * n_concepts * n_concepts * len(cost.targets)  # target inner products
+        for name in cost.targets:  # the pass's fp32 LoRA factors
+            cost.nbytes += FLOAT * ranks[name] * (d_in + targets[name].weight.shape[0])
     return list(groups.values())
 
 
