@@ -33,8 +33,8 @@ def _add_merge_settings(parser: argparse.ArgumentParser):
                         "(default 512 for SD1/SD2, 1024 for SDXL)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the capture sampling")
     parser.add_argument("--max-memory", type=float, default=None, metavar="GIB",
-                        help="memory the merge's statistics may use, in GiB (default: half the free memory, at most "
-                             "4); when the layers' statistics exceed it, features are captured in several passes")
+                        help="memory the merge may use beyond the model, in GiB (default: half the free memory, at "
+                             "most 4); when the layers' statistics exceed it, features are captured in several passes")
     parser.add_argument("--no-report", action="store_true",
                         help="skip the quality report (it costs one more capture pass per stage)")
 
