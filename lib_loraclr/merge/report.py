@@ -61,29 +61,33 @@ class ReportCollector(LayerHooks):
         }  # method -> target -> (N, 3) float64 [own, overlap, merged]
 
     def observe(self, name, module, x, y, source):
+        """One concept at a time, so the pass holds a few (R, D_out) effects, not N of them."""
         factors = self.concept_factors(name)
-        own = []  # per concept E_i (R, D_out) or None
+        merged = {method: merged_of(name, factors) for method, merged_of in self.merges.items()}
+        for method in merged:
+            self.sums[method].setdefault(name, torch.zeros(self.n_concepts, 3, dtype=torch.float64, device=x.device))
         for i, factor in enumerate(factors):
-            if factor is None:
-                own.append(None)
-                continue
-            factor = factor.to(x.device, x.dtype)
-            own.append((x[i] @ factor.down.T) @ factor.up.T)
-        for method, merged_of in self.merges.items():
-            merged = merged_of(name, factors)
-            sums = self.sums[method].setdefault(
-                name, torch.zeros(self.n_concepts, 3, dtype=torch.float64, device=x.device)
-            )
-            if merged is None:
-                effect = torch.zeros_like(y)
-            else:
-                merged = merged.to(x.device, x.dtype)
-                effect = (x @ merged.down.T) @ merged.up.T  # (N, R, D_out) M_i
-            for i, own_effect in enumerate(own):
-                if own_effect is not None:
-                    sums[i, 0] += own_effect.double().square().sum()
-                    sums[i, 1] += (effect[i].double() * own_effect.double()).sum()
-                sums[i, 2] += effect[i].double().square().sum()
+            rows = x[i]  # (R, D_in)
+            own = None if factor is None else _effect(rows, factor)  # (R, D_out) E_i
+            for method, delta in merged.items():
+                sums = self.sums[method][name]
+                effect = None if delta is None else _effect(rows, delta)  # (R, D_out) M_i
+                if own is not None:
+                    sums[i, 0] += _dot(own, own)
+                    if effect is not None:
+                        sums[i, 1] += _dot(effect, own)
+                if effect is not None:
+                    sums[i, 2] += _dot(effect, effect)
+
+
+def _effect(rows: torch.Tensor, delta) -> torch.Tensor:
+    delta = delta.to(rows.device, rows.dtype)
+    return (rows @ delta.down.T) @ delta.up.T
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a, b> accumulated in fp32 (blocked, ~1e-6 relative: ample for a report) and returned as float64."""
+    return a.flatten().dot(b.flatten()).double()
 
 
 def quality(collected: dict[str, torch.Tensor], stage_of: dict[str, str], concept_names: list[str]) -> dict:

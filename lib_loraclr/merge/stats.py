@@ -29,6 +29,8 @@ import torch
 
 from ..lora.lowrank import LowRank
 
+TARGET_SLICE = 1 << 20  # output values per concept converted to float64 at a time
+
 
 class InputStats:
     """The triangular factor of ``[X | C]`` for one layer input read by one or more targets."""
@@ -175,9 +177,11 @@ class TargetStats:
         return self.inputs.rows
 
     def add_targets(self, targets: torch.Tensor) -> None:
-        """Concept-aligned output rows (N, r, D_out)."""
-        flat = targets.detach().to(self.inputs.device, torch.float64).reshape(self.n_concepts, -1)
-        self.target_inner.addmm_(flat, flat.T)
+        """Concept-aligned output rows (N, r, D_out), in float64 slices: a layer's whole output never doubles."""
+        flat = targets.detach().reshape(self.n_concepts, -1)
+        for start in range(0, flat.shape[1], TARGET_SLICE):
+            part = flat[:, start:start + TARGET_SLICE].to(self.inputs.device, torch.float64)
+            self.target_inner.addmm_(part, part.T)
 
     def target_distances(self) -> torch.Tensor:
         """(N, N) ||Y_i - Y_j||."""
