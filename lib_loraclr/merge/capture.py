@@ -74,10 +74,11 @@ def concept_blocks(rows: torch.Tensor, n_concepts: int, name: str) -> torch.Tens
 
 
 class LayerHooks:
-    """Forward hooks on a set of targets; ``observe(name, module, x, y)`` gets concept blocks.
+    """Forward hooks on a set of targets; ``observe(name, module, x, output, source)`` gets each call.
 
     Register it after the LoRA runtime's hooks so the observed output is the concept's
-    LoRA-applied output Y_i. ``x`` is (N, R, D_in) and ``y`` (N, R, D_out), both fp32.
+    LoRA-applied output Y_i. The output is passed as it came: copying a wide layer's batch
+    output (bias removed, rows laid out) would double the capture's largest activation.
     """
 
     def __init__(self, targets: dict[str, nn.Module], n_concepts: int):
@@ -85,8 +86,13 @@ class LayerHooks:
         self.n_concepts = n_concepts
         self._handles = []
 
-    def observe(self, name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor, source: torch.Tensor) -> None:
+    def observe(self, name: str, module: nn.Module, x: torch.Tensor, output: torch.Tensor, source: torch.Tensor) -> None:
+        """x: (N, R, D_in) fp32 concept blocks; output: the layer's own output, as it came (bias included)."""
         raise NotImplementedError
+
+    def target_rows(self, name: str, module: nn.Module, output: torch.Tensor) -> torch.Tensor:
+        """(N, R, D_out) fp32 bias-free concept blocks of an output (a copy: only where needed)."""
+        return concept_blocks(output_rows(module, output).float(), self.n_concepts, name)
 
     def _hook(self, name: str):
         def hook(module, args, output):
@@ -94,8 +100,7 @@ class LayerHooks:
             # ordinary tensors, or their in-place accumulation fails outside it.
             with torch.inference_mode(False), torch.no_grad():
                 x = concept_blocks(input_rows(module, args[0].detach()).float(), self.n_concepts, name)
-                y = concept_blocks(output_rows(module, output.detach()).float(), self.n_concepts, name)
-                self.observe(name, module, x, y, args[0])
+                self.observe(name, module, x, output.detach(), args[0])
 
         return hook
 
@@ -150,13 +155,13 @@ class StatsCollector(LayerHooks):
     def nbytes(self) -> int:
         return sum(inputs.nbytes() for inputs in self._inputs.values())
 
-    def observe(self, name, module, x, y, source):
+    def observe(self, name, module, x, output, source):
         if self.mode == "raw":
             self.raw_inputs[name].append(x.cpu())
             return
         stats = self.stats[name]
         if self.mode == "exact":
-            stats.add(list(x), list(y))
+            stats.add(list(x), list(self.target_rows(name, module, output)))
             return
         key = input_key(name)
         source_key = (source.data_ptr(), tuple(source.shape))
@@ -170,11 +175,7 @@ class StatsCollector(LayerHooks):
             raise RuntimeError(
                 f"{name} does not read the same input as {sorted(seen)}; their statistics cannot be shared"
             )
-        stats.add_targets(y)
-
-    def add(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Feed concept blocks (N, R, D_in) / (N, R, D_out) of a layer directly (no model run)."""
-        self.observe(name, self.targets[name], x.float(), y.float(), x)
+        stats.add_targets(output)
 
     def raw(self, name: str) -> list[torch.Tensor]:
         """Concept i's raw input rows (R, D_in), every captured chunk."""

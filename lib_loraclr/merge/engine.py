@@ -150,7 +150,7 @@ class RowCounter(LayerHooks):
         super().__init__(targets, 1)
         self.rows: dict[str, int] = {}
 
-    def observe(self, name, module, x, y, source):
+    def observe(self, name, module, x, output, source):
         self.rows[name] = self.rows.get(name, 0) + x.shape[1]
 
 
@@ -267,7 +267,7 @@ class LoraclrMerge:
                 self.progress.update(stage, done, len(targets), target, f"solving {target} ({label})")
                 delta, info = self._solve(target, module, collector, factors[target])
                 if info.get("needs_exact"):
-                    exact = collector.stats[target].exact()
+                    exact = collector.stats[target].exact(factors[target])
                     if exact is None:
                         needs_exact.append(target)
                         collector.close_target(target)
@@ -384,6 +384,8 @@ class LoraclrMerge:
             for i, factor in enumerate(self.factors(target)):
                 if factor is not None:
                     outputs[i] += (x[i] @ factor.down.T.to(base)) @ factor.up.T.to(base)
+            if module.bias is not None:  # as the layer itself would give it
+                outputs += module.bias.detach().float()
             hooks.observe(target, module, x, outputs, states)
 
     def capture_unet(self, hooks: LayerHooks, label: str, stage: str):

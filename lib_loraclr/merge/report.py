@@ -60,7 +60,7 @@ class ReportCollector(LayerHooks):
             method: {} for method in merges
         }  # method -> target -> (N, 3) float64 [own, overlap, merged]
 
-    def observe(self, name, module, x, y, source):
+    def observe(self, name, module, x, output, source):
         """One concept at a time, so the pass holds a few (R, D_out) effects, not N of them."""
         factors = self.concept_factors(name)
         merged = {method: merged_of(name, factors) for method, merged_of in self.merges.items()}

@@ -129,9 +129,10 @@ class InputStats:
 class TargetStats:
     """What one target needs beyond its shared ``InputStats``: the targets' inner products T_ij.
 
-    T_ij = <Y_i, Y_j> of the concepts' aligned LoRA-applied output blocks (bias-free), N x N in
-    float64: the hinge's certificate needs the distances between concepts' targets, which no
-    per-concept statistic gives (they pair rows of different concepts).
+    T_ij = <O_i, O_j> of the concepts' aligned LoRA-applied outputs as the layer gave them (any
+    layout, bias included), N x N in float64: the hinge's certificate needs the distances
+    ||Y_i - Y_j|| between concepts' targets, which no per-concept statistic gives (they pair rows
+    of different concepts), and the bias cancels in them.
     """
 
     def __init__(self, target: str, weight: torch.Tensor, inputs: InputStats):
@@ -176,9 +177,9 @@ class TargetStats:
     def rows(self) -> int:
         return self.inputs.rows
 
-    def add_targets(self, targets: torch.Tensor) -> None:
-        """Concept-aligned output rows (N, r, D_out), in float64 slices: a layer's whole output never doubles."""
-        flat = targets.detach().reshape(self.n_concepts, -1)
+    def add_targets(self, outputs: torch.Tensor) -> None:
+        """A concept-aligned batch output (N*k, ...), in float64 slices: a layer's whole output never doubles."""
+        flat = outputs.detach().reshape(self.n_concepts, -1)
         for start in range(0, flat.shape[1], TARGET_SLICE):
             part = flat[:, start:start + TARGET_SLICE].to(self.inputs.device, torch.float64)
             self.target_inner.addmm_(part, part.T)
@@ -187,13 +188,18 @@ class TargetStats:
         """(N, N) ||Y_i - Y_j||."""
         return _distances(self.target_inner)
 
-    def exact(self) -> "LayerStats | None":
-        """The exact per-concept statistics, when the raw rows are still kept."""
+    def exact(self, factors: list[LowRank | None]) -> "LayerStats | None":
+        """The exact per-concept statistics, when the raw rows are still kept (targets rebuilt from them)."""
         rows = self.inputs.kept_rows()
         if rows is None:
             return None
-        stats = LayerStats(self.base_weight.float(), self.n_concepts)
-        stats.add_rows(rows.double(), self.target_inner)
+        base = self.base_weight.float()
+        targets = rows @ base.T  # (N, R, D_out) bias-free Y_i = X_i (W0 + Delta_i)^T
+        for i, factor in enumerate(factors):
+            if factor is not None:
+                targets[i] += (rows[i] @ factor.down.to(rows).T) @ factor.up.to(rows).T
+        stats = LayerStats(base, self.n_concepts)
+        stats.add(list(rows), list(targets))
         return stats
 
 
