@@ -16,7 +16,7 @@ import torch
 
 from ..lora.lowrank import LowRank
 from .objective import MergeSettings, Surrogate, check_factors, feature_blocks, loss_terms
-from .stats import LayerStats, TargetStats, stacked_factors
+from .stats import LayerStats, TargetStats
 
 
 def _now(device: torch.device) -> float:
@@ -150,7 +150,7 @@ def _gram_eigh(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _system(stats: TargetStats | LayerStats, factors: list[LowRank | None]) -> _System:
-    up, _ = stacked_factors(factors)
+    up = LowRank.cat([f for f in factors if f is not None]).up.double()  # (D_out, K) [U_1 .. U_N]
     if isinstance(stats, LayerStats):
         base = stats.base_weight
         projections = torch.cat([stats.times_gram(i, f.down.to(base)) for i, f in enumerate(factors) if f is not None])

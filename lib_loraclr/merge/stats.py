@@ -329,16 +329,3 @@ class LayerStats:
     def target_distances(self) -> torch.Tensor:
         """(N, N) ||Y_i - Y_j|| from T (float64: the expansion's cancellation stays far below fp32 input rounding)."""
         return _distances(self.target_inner)
-
-
-def stacked_factors(factors: list[LowRank | None]) -> tuple[torch.Tensor, list[slice | None]]:
-    """[U_1 .. U_N] (D_out, K) float64 of the present concepts, and each concept's column slice."""
-    ups, blocks, offset = [], [], 0
-    for factor in factors:
-        if factor is None:
-            blocks.append(None)
-            continue
-        ups.append(factor.up.double())
-        blocks.append(slice(offset, offset + factor.rank))
-        offset += factor.rank
-    return torch.cat(ups, dim=1), blocks
