@@ -281,10 +281,17 @@ class LoraRuntime:
     def _hook(self, site: _Site, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
         plan = self._plan
         x = args[0] if args else kwargs["input"]
+        # With no autograd graph to keep, the LoRA terms go into the layer's fresh output in
+        # place: out of place, a wide layer's batch output (the merge's batch of N concepts)
+        # would exist two or three times over.
+        in_place = not torch.is_grad_enabled() and output.is_contiguous() and output.dtype == x.dtype
         if plan.n_row_sets == 0:
             entries = [site.entries[i] for i in plan.groups[0].loras if i in site.entries]
             if not entries:
                 return None
+            if in_place:
+                self._add_lora_output(site, entries, x, output)
+                return output
             return output + self._lora_output(site, entries, x).to(output.dtype)
 
         batch = x.shape[0]
@@ -293,6 +300,14 @@ class LoraRuntime:
                 f"{site.target}: batch of {batch} rows is not a multiple of the {plan.n_row_sets} row sets"
             )
         rows_per_set = batch // plan.n_row_sets
+        if in_place:  # each row set is a contiguous block of the batch
+            for group in plan.groups:
+                entries = [site.entries[i] for i in group.loras if i in site.entries]
+                for position in group.positions if entries else ():
+                    start = position * rows_per_set
+                    self._add_lora_output(site, entries, x.narrow(0, start, rows_per_set),
+                                          output.narrow(0, start, rows_per_set))
+            return output
         row_indices, row_outputs = [], []
         for group_number, group in enumerate(plan.groups):
             entries = [site.entries[i] for i in group.loras if i in site.entries]
@@ -309,17 +324,30 @@ class LoraRuntime:
         """Sum of the entries' outputs on x: (B, ..., out) linear, (B, out, H', W') conv."""
         total = None
         for entry in entries:
-            first, up = self._factors(site, entry, x)
-            if site.is_conv:
-                out = nn.Conv2d._conv_forward(site.module, x, first, None)
-                if up is not None:
-                    out = F.conv2d(out, up)
-            else:
-                out = F.linear(x, first)
-                if up is not None:
-                    out = F.linear(out, up)
+            out = self._entry_output(site, *self._factors(site, entry, x), x)
             total = out if total is None else total + out
         return total
+
+    def _add_lora_output(self, site: _Site, entries: list[_Entry], x: torch.Tensor, output: torch.Tensor) -> None:
+        """output += the entries' outputs on x, in place; a linear's never exists as a separate tensor."""
+        for entry in entries:
+            first, up = self._factors(site, entry, x)
+            if site.is_conv:
+                output.add_(self._entry_output(site, first, up, x))
+                continue
+            flat = output.view(-1, output.shape[-1])  # (rows, out)
+            if up is None:
+                flat.addmm_(x.reshape(-1, x.shape[-1]), first.T)
+            else:
+                flat.addmm_(F.linear(x, first).reshape(-1, first.shape[0]), up.T)
+
+    @staticmethod
+    def _entry_output(site: _Site, first: torch.Tensor, up: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        if site.is_conv:
+            out = nn.Conv2d._conv_forward(site.module, x, first, None)
+            return out if up is None else F.conv2d(out, up)
+        out = F.linear(x, first)
+        return out if up is None else F.linear(out, up)
 
     def _factors(self, site: _Site, entry: _Entry, x: torch.Tensor) -> _Factors:
         key = (x.device, x.dtype)

@@ -106,11 +106,15 @@ def no_hooks(model: nn.Module) -> bool:
     return all(not m._forward_hooks and not m._forward_hooks_with_kwargs for m in model.modules())
 
 
-def test_linear_matches_merged():
+GRAD_MODES = pytest.mark.parametrize("grad", [True, False], ids=["autograd", "in-place"])
+
+
+@GRAD_MODES
+def test_linear_matches_merged(grad):
     model, targets = mlp()
     lora = lora_file("a", [low_rank_for(name, layer) for name, layer in targets.items()])
     x = torch.randn(3, 5, 8)
-    with LoraRuntime(targets, [lora], weights=[0.7]):
+    with LoraRuntime(targets, [lora], weights=[0.7]), torch.set_grad_enabled(grad):
         out = model(x)
     expected = merged(model, targets, [lora], [const(0.7)])(x)
     assert not torch.allclose(expected, model(x), atol=1e-3)
@@ -126,17 +130,19 @@ def test_linear_matches_merged():
         {"kernel_size": 3, "padding": 2, "dilation": 2, "padding_mode": "reflect"},
     ],
 )
-def test_conv_matches_merged(conv_args):
+@GRAD_MODES
+def test_conv_matches_merged(conv_args, grad):
     model, targets = convnet(**conv_args)
     lora = lora_file("a", [low_rank_for(name, layer, seed=1) for name, layer in targets.items()])
     x = torch.randn(2, 4, 9, 9)
-    with LoraRuntime(targets, [lora]):
+    with LoraRuntime(targets, [lora]), torch.set_grad_enabled(grad):
         out = model(x)
     torch.testing.assert_close(out, merged(model, targets, [lora], [const(1.0)])(x), atol=ATOL, rtol=ATOL)
     assert all(m.delta_calls == 0 for m in lora.modules.values())
 
 
-def test_dense_kinds_and_grouped_conv_match_merged():
+@GRAD_MODES
+def test_dense_kinds_and_grouped_conv_match_merged(grad):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(6, 6, 3, groups=2), nn.Flatten(), nn.LazyLinear(5))
     x = torch.randn(2, 4, 7, 7)
@@ -151,7 +157,7 @@ def test_dense_kinds_and_grouped_conv_match_merged():
             Dense("unet.fc", delta=torch.randn(5, model[3].in_features) * 0.1),
         ],
     )
-    with LoraRuntime(targets, [lora], weights=[1.5]):
+    with LoraRuntime(targets, [lora], weights=[1.5]), torch.set_grad_enabled(grad):
         out = model(x)
     torch.testing.assert_close(out, merged(model, targets, [lora], [const(1.5)])(x), atol=ATOL, rtol=ATOL)
     assert grouped.low_rank_calls == 0 and grouped.delta_calls == 1
@@ -213,14 +219,15 @@ def three_loras(targets):
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 @pytest.mark.parametrize("rows_per_set", [1, 2, 3])
-def test_rows_equal_separate_passes(kind, rows_per_set):
+@GRAD_MODES
+def test_rows_equal_separate_passes(kind, rows_per_set, grad):
     model, targets = mlp() if kind == "linear" else convnet(kernel_size=3, padding=1, stride=2)
     model = model.double()
     loras = three_loras(targets)
     row_sets = [{0}, {1, 2}, set(), {0}, {2}]
     shape = (5, 8) if kind == "linear" else (4, 7, 7)
     x = torch.randn(len(row_sets) * rows_per_set, *shape, dtype=torch.float64)
-    with LoraRuntime(targets, loras, weights=[1.0, 0.6, -0.4]) as runtime:
+    with LoraRuntime(targets, loras, weights=[1.0, 0.6, -0.4]) as runtime, torch.set_grad_enabled(grad):
         runtime.set_rows(row_sets)
         batched = model(x)
         for position, loras_here in enumerate(row_sets):
@@ -232,6 +239,25 @@ def test_rows_equal_separate_passes(kind, rows_per_set):
         base = model(x)
     assert not torch.allclose(batched[:rows_per_set], base[:rows_per_set], atol=1e-3)
     assert torch.equal(batched[2 * rows_per_set : 3 * rows_per_set], base[2 * rows_per_set : 3 * rows_per_set])
+
+
+@pytest.mark.parametrize("row_sets", [None, [{0}, {1, 2}, set(), {0}]], ids=["uniform", "row sets"])
+def test_without_autograd_the_layer_output_takes_the_terms_in_place(row_sets):
+    """No copy of a layer's output is made when no graph is recorded (the merge's wide batches)."""
+    model, targets = mlp()
+    loras = three_loras(targets)
+    seen = {}
+    model[2].register_forward_hook(lambda module, args, output: seen.update(ptr=output.data_ptr()))
+    x = torch.randn(4, 6, 8)
+    with LoraRuntime(targets, loras) as runtime:
+        if row_sets:
+            runtime.set_rows(row_sets)
+        with torch.no_grad():
+            out = model(x)
+        assert out.data_ptr() == seen["ptr"]
+        out_graph = model(x)
+        assert out_graph.data_ptr() != seen["ptr"]
+    torch.testing.assert_close(out, out_graph, atol=1e-6, rtol=1e-6)
 
 
 def test_cfg_layout_pass_major():
