@@ -181,19 +181,21 @@ def test_merge_service_writes_lora_sidecar_and_report_and_refreshes(tiny_sd1, lo
 def test_merge_service_refuses_bad_input_and_writes_nothing(tiny_sd1, lora_folder):
     service = MergeService(DiffusersHost(tiny_sd1, lora_folder))
     before = sorted(os.listdir(lora_folder))
+    pair = ["cat_lora", "dog_lora"]
     bad = [
-        (MergeRequest(["cat_lora"], ["sks"], "one"), "at least two"),
-        (MergeRequest(["cat_lora", "dog_lora"], ["sks", "zqx"], "../escape"), "invalid output file name"),
-        (MergeRequest(["cat_lora", "dog_lora"], ["sks", "zqx"], "sub/dir"), "invalid output file name"),
-        (MergeRequest(["cat_lora", "dog_lora"], ["sks", "zqx"], "cat_lora"), "already exists"),
-        (MergeRequest(["cat_lora", "horse_lora"], ["sks", "zqx"], "x"), "horse_lora"),
-        (MergeRequest(["cat_lora", "dog_lora"], ["sks", "sks"], "x"), "own trigger"),
-        (MergeRequest(["cat_lora", "dog_lora"], ["sks", "zqx"], "x", settings={"method": "magic"}), "method"),
-        (MergeRequest(["cat_lora", "dog_lora"], ["sks", "zqx"], "x", settings={"speed": 1}), "unknown merge setting"),
+        ((["cat_lora"], ["sks"], "one"), {}, "at least two"),
+        ((pair, ["sks", "zqx"], "../escape"), {}, "invalid output file name"),
+        ((pair, ["sks", "zqx"], "sub/dir"), {}, "invalid output file name"),
+        ((pair, ["sks", "zqx"], "cat_lora"), {}, "already exists"),
+        ((pair, ["sks", "zqx"], "cat_lora"), {"overwrite": True}, "one of the inputs"),
+        ((["cat_lora", "horse_lora"], ["sks", "zqx"], "x"), {}, "horse_lora"),
+        ((pair, ["sks", "sks"], "x"), {}, "own trigger"),
+        ((pair, ["sks", "zqx"], "x"), {"settings": {"method": "magic"}}, "settings.method"),
+        ((pair, ["sks", "zqx"], "x"), {"settings": {"speed": 1}}, "unknown merge setting"),
     ]
-    for request, message in bad:
+    for args, options, message in bad:
         with pytest.raises((ValueError, OSError, KeyError), match=message):
-            service.start(request)
+            service.start(MergeRequest(*args, **options))
     with pytest.raises(ValueError, match="unknown merge request key"):
         MergeRequest.from_dict({"loras": [], "triggers": [], "output": "x", "color": 1})
     assert sorted(os.listdir(lora_folder)) == before

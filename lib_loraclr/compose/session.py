@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import torch
 
@@ -22,6 +22,7 @@ from ..lora.base import LoraFile
 from ..lora.reader import read_lora
 from ..model import ModelAccess
 from ..runtime import LoraRuntime
+from ..validation import InputError, LoraName, StrictBool, Strength, checked, from_mapping, text
 from .attention import cross_attention_modules
 from .concepts import LoraConcept, plan_concepts
 from .engine import ComposeEngine, encode_passes
@@ -33,19 +34,21 @@ USER_SETTINGS = (
     "step_size", "temperature", "max_iter_to_alter", "refinement_iters", "mask_threshold",
     "attention_res_divisor", "use_latent_update", "use_masks",
 )
+MAX_SUBJECTS = 4  # the txt2img script has this many rows; the API and infotext are held to it too
+Phrase = text(max_length=200)
 
 
-@dataclass(frozen=True)
+@checked(frozen=True, what="composition subject")
 class ConceptRow:
     """lora: the LoRA's name in the host's list; words: the subject as written in the prompt."""
 
-    lora: str
-    words: str
-    trigger: str = ""
-    weight: float = 1.0
+    lora: LoraName
+    words: Phrase
+    trigger: Phrase = ""
+    weight: Strength = 1.0
 
 
-@dataclass(frozen=True)
+@checked(frozen=True, what="composition request")
 class ComposeRequest:
     """A CLoRA composition as the user describes it.
 
@@ -54,20 +57,21 @@ class ComposeRequest:
     """
 
     concepts: tuple[ConceptRow, ...]
-    style: str = ""
-    style_weight: float = 1.0
-    style_on: str = ""
+    style: text(max_length=255) = ""
+    style_weight: Strength = 1.0
+    style_on: text(max_length=1000) = ""
     settings: ComposeSettings = field(default_factory=ComposeSettings)
-    show_masks: bool = False
+    show_masks: StrictBool = False
 
-    def __post_init__(self):
-        concepts = tuple(c if isinstance(c, ConceptRow) else ConceptRow(**c) for c in self.concepts)
-        object.__setattr__(self, "concepts", concepts)
+    def __post_init_post_parse__(self):
+        concepts = self.concepts
         if not concepts:
             raise ValueError("add at least one row with a LoRA and its words in the prompt")
+        if len(concepts) > MAX_SUBJECTS:
+            raise ValueError(f"at most {MAX_SUBJECTS} subjects, got {len(concepts)}")
         for row in concepts:
-            if not row.lora or not row.words.strip():
-                raise ValueError(f"row {row.lora or '(no LoRA)'!r} needs both a LoRA and its words")
+            if not row.lora.strip() or not row.words.strip():
+                raise ValueError(f"row {row.lora.strip() or '(no LoRA)'!r} needs both a LoRA and its words")
         names = [row.lora for row in concepts] + ([self.style] if self.style else [])
         if len(set(names)) != len(names):
             raise ValueError("each LoRA may appear only once (subjects and style)")
@@ -86,24 +90,24 @@ class ComposeRequest:
     @classmethod
     def from_dict(cls, values: Mapping) -> "ComposeRequest":
         """From an API payload or infotext; unknown keys are an error, not ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown}; known: {sorted(known)}")
-        values = dict(values)
-        settings = dict(values.pop("settings", {}) or {})
-        bad = sorted(set(settings) - set(USER_SETTINGS))
-        if bad:
-            raise ValueError(f"unknown setting(s) {bad}; known: {list(USER_SETTINGS)}")
-        rows = tuple(ConceptRow(**row) for row in values.pop("concepts", ()))
-        return cls(rows, settings=ComposeSettings.from_mapping(settings), **values)
+        settings = values.get("settings") if isinstance(values, Mapping) else None
+        if isinstance(settings, Mapping):
+            bad = [key for key in settings if key not in USER_SETTINGS]
+            if bad:
+                raise InputError(cls._what, [(f"settings.{key}", f"unknown setting (known: {', '.join(USER_SETTINGS)})")
+                                             for key in bad])
+        return from_mapping(cls, values)
 
     def to_infotext(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
     @classmethod
-    def from_infotext(cls, text: str) -> "ComposeRequest":
-        return cls.from_dict(json.loads(text))
+    def from_infotext(cls, infotext: str) -> "ComposeRequest":
+        try:
+            values = json.loads(infotext)
+        except (ValueError, RecursionError) as error:
+            raise ValueError(f"the LoRACLR infotext field is not valid JSON ({error})") from None
+        return cls.from_dict(values)
 
     def style_groups(self) -> list[int] | None:
         """Subject indices the style is limited to, or None for everywhere."""

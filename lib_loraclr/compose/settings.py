@@ -7,15 +7,20 @@ a 50-step schedule and are rescaled to the step count actually sampled.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import Tuple
+
+from ..validation import StrictBool, checked, from_mapping, integer, real
 
 
-@dataclass(frozen=True)
+# Upper bounds keep a typo from making a generation endless or its latent overflow.
+StepIndex = integer(ge=0, le=1000)
+
+
+@checked(frozen=True, what="composition settings", unknown="setting")
 class ComposeSettings:
-    """CLoRA settings.
+    """CLoRA settings; the annotations are the one check of each value (``validation.checked``).
 
     step_size: latent update ``z <- z - step_size * grad_z L``; 20, constant over steps (code).
     temperature: InfoNCE temperature of the contrastive loss; 0.5 (paper, section 4.2.3).
@@ -35,43 +40,22 @@ class ComposeSettings:
     guidance_scale: classifier-free guidance scale; 7.5 (code, diffusers' SD default).
     """
 
-    step_size: float = 20.0
-    temperature: float = 0.5
-    max_iter_to_alter: int = 30
-    reference_steps: int = 50
-    refinement_steps: tuple[int, ...] = (0, 10, 20)
-    refinement_iters: int = 20
-    mask_threshold: float = 0.3
-    attention_res_divisor: int = 32
-    use_latent_update: bool = True
-    use_masks: bool = True
-    guidance_scale: float = 7.5
-
-    def __post_init__(self):
-        object.__setattr__(self, "refinement_steps", tuple(int(s) for s in self.refinement_steps))
-        checks = {
-            "step_size": self.step_size >= 0,
-            "temperature": self.temperature > 0,
-            "max_iter_to_alter": self.max_iter_to_alter >= 0,
-            "reference_steps": self.reference_steps > 0,
-            "refinement_steps": all(s >= 0 for s in self.refinement_steps),
-            "refinement_iters": self.refinement_iters >= 0,
-            "mask_threshold": 0 < self.mask_threshold <= 1,
-            "attention_res_divisor": self.attention_res_divisor > 0,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
-            raise ValueError(f"ComposeSettings: invalid value(s): {values}")
+    step_size: real(ge=0, le=1000) = 20.0
+    temperature: real(gt=0, le=100) = 0.5
+    max_iter_to_alter: StepIndex = 30
+    reference_steps: integer(ge=1, le=1000) = 50
+    refinement_steps: Tuple[StepIndex, ...] = (0, 10, 20)
+    refinement_iters: integer(ge=0, le=100) = 20
+    mask_threshold: real(gt=0, le=1) = 0.3
+    attention_res_divisor: integer(ge=1, le=256) = 32
+    use_latent_update: StrictBool = True
+    use_masks: StrictBool = True
+    guidance_scale: real(ge=0, le=100) = 7.5
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, object]) -> "ComposeSettings":
         """Build from a dict (API payload, infotext); unknown keys are an error, not ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"ComposeSettings: unknown key(s) {unknown}; known: {sorted(names)}")
-        return cls(**values)
+        return from_mapping(cls, values)
 
     def _scaled(self, step: int, num_steps: int) -> int:
         # Round half up: 30 of 50 -> 12 of 20, 10 of 50 -> 5 of 25.

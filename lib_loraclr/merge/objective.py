@@ -19,10 +19,12 @@ loss that equals it wherever the bound proves the hinge inactive.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal, Optional
 
 import torch
 
 from ..lora.lowrank import LowRank
+from ..validation import Seed, StrictBool, checked, integer, real
 from .stats import LayerStats
 
 DISTANCE_SQ_FLOOR = 1e-12  # the reference's clamp before sqrt
@@ -30,49 +32,38 @@ METHODS = ("loraclr", "lsq", "sum", "svd")
 SOLVERS = ("fast", "reference")
 
 
-@dataclass
+# Types and ranges of the merge settings; the upper bounds keep a typo from running for days.
+Weight = real(ge=0, le=1e3)
+Iterations = integer(ge=1, le=10_000)
+Rank = integer(ge=1, le=1024)
+
+
+@checked(what="merge settings", unknown="merge setting")
 class MergeSettings:
-    """Every knob of a merge, with the LoRACLR paper/code defaults; CLI, tab and API share these names."""
+    """Every knob of a merge, with the LoRACLR paper/code defaults; CLI, tab and API share these names.
 
-    method: str = "loraclr"  # loraclr | lsq (Mix-of-Show) | sum | svd
-    solver: str = "fast"  # fast (closed form on statistics) | reference (authors' AdamW loop)
-    margin: float = 0.5
-    lambda_con: float = 1.0
-    lambda_mse: float = 0.1
-    lambda_reg: float = 0.001
-    lr: float = 1e-4  # reference solver only
-    weight_decay: float = 1e-4  # reference solver only (AdamW)
-    iters: int = 50  # reference solver only
-    refine_iters: int = 20  # fast solver: L-BFGS iterations when the hinge is not certified inactive
-    rank: int | None = None  # written LoRA rank; None = smallest rank keeping `energy`
-    energy: float = 0.99
-    max_rank: int = 128
-    clamp_quantile: float | None = 0.99  # kohya svd_merge_lora's outlier clamp of the written factors
-    capture_steps: int = 20
-    capture_size: int | None = None  # None = the model family's native size
-    seed: int = 0
-    report: bool = True  # measure the quality report (a second, streaming capture pass)
-    max_memory_gb: float | None = None  # budget of the merge's statistics; None = from the machine or GPU
+    The annotations are the one check of each value (``validation.checked``).
+    """
 
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"MergeSettings.method must be one of {METHODS}, got {self.method!r}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"MergeSettings.solver must be one of {SOLVERS}, got {self.solver!r}")
-        for name in ("margin", "lambda_con", "lambda_mse", "lambda_reg", "lr", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"MergeSettings.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("iters", "capture_steps", "max_rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"MergeSettings.{name} must be >= 1, got {getattr(self, name)}")
-        if self.refine_iters < 0:
-            raise ValueError(f"MergeSettings.refine_iters must be >= 0, got {self.refine_iters}")
-        if self.rank is not None and self.rank < 1:
-            raise ValueError(f"MergeSettings.rank must be >= 1 or None, got {self.rank}")
-        if self.max_memory_gb is not None and not 0 < self.max_memory_gb <= 1e6:
-            raise ValueError(f"MergeSettings.max_memory_gb must be above 0 and at most 1e6 GiB, or None, got {self.max_memory_gb}")
-        if not 0 < self.energy <= 1:
-            raise ValueError(f"MergeSettings.energy must be in (0, 1], got {self.energy}")
+    method: Literal[METHODS] = "loraclr"  # loraclr | lsq (Mix-of-Show) | sum | svd
+    solver: Literal[SOLVERS] = "fast"  # fast (closed form on statistics) | reference (authors' AdamW loop)
+    margin: real(ge=0, le=100) = 0.5
+    lambda_con: Weight = 1.0
+    lambda_mse: Weight = 0.1
+    lambda_reg: Weight = 0.001
+    lr: real(ge=0, le=10) = 1e-4  # reference solver only
+    weight_decay: real(ge=0, le=10) = 1e-4  # reference solver only (AdamW)
+    iters: Iterations = 50  # reference solver only
+    refine_iters: integer(ge=0, le=10_000) = 20  # fast solver: L-BFGS iterations when the hinge is not certified inactive
+    rank: Optional[Rank] = None  # written LoRA rank; None = smallest rank keeping `energy`
+    energy: real(gt=0, le=1) = 0.99
+    max_rank: Rank = 128
+    clamp_quantile: Optional[real(gt=0, le=1)] = 0.99  # kohya svd_merge_lora's outlier clamp of the written factors
+    capture_steps: integer(ge=1, le=200) = 20
+    capture_size: Optional[integer(ge=64, le=2048, multiple_of=8)] = None  # None = the model family's native size
+    seed: Seed = 0
+    report: StrictBool = True  # measure the quality report (a second, streaming capture pass)
+    max_memory_gb: Optional[real(gt=0, le=1e4)] = None  # budget of the merge's statistics; None = from the machine or GPU
 
     def to_dict(self) -> dict:
         return asdict(self)

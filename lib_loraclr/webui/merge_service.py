@@ -8,51 +8,51 @@ same time, and reads the checkpoint's own weights (``WebUIHost.base_model``).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
+from typing import List, Optional
 
 from ..jobs import JobManager, JobStatus
 from ..lora.base import sidecar_path
 from ..lora.writer import safe_output_path
 from ..merge.engine import check_concepts
 from ..merge.objective import MergeSettings
-from ..merge.pipeline import check_output, load_concepts, merge_to_file
+from ..merge.pipeline import check_outputs, load_concepts, merge_to_file
+from ..validation import LoraName, StrictBool, Strength, Trigger, checked, from_mapping, text
 from .host import WebUIHost
 
 REPORT_SUFFIX = ".loraclr-report.json"
+MAX_MERGE_LORAS = 32
 
 
-@dataclass
+@checked(what="merge request", unknown="merge request key")
 class MergeRequest:
     """loras: names from the host's LoRA list; one trigger and weight per LoRA.
 
+    triggers: a LoRA's trigger words, or None to take them from its sidecar or metadata.
     output: file name for the merged LoRA (".safetensors" added), written to the host's
-    output folder; settings: ``MergeSettings`` fields to change from the defaults.
+    output folder; settings: ``MergeSettings`` or a dict of the fields to change from the
+    defaults. The annotations are the one check of each value (``validation.checked``).
     """
 
-    loras: list[str]
-    triggers: list[str]
-    output: str
-    weights: list[float] | None = None
-    settings: dict = field(default_factory=dict)
-    overwrite: bool = False
+    loras: List[LoraName]
+    triggers: List[Optional[Trigger]]
+    output: text(max_length=255)
+    weights: Optional[List[Strength]] = None
+    settings: MergeSettings = field(default_factory=MergeSettings)
+    overwrite: StrictBool = False
+
+    def __post_init_post_parse__(self):
+        if len(self.loras) > MAX_MERGE_LORAS:
+            raise ValueError(f"at most {MAX_MERGE_LORAS} LoRAs can be merged at once, got {len(self.loras)}")
 
     @classmethod
     def from_dict(cls, values: Mapping) -> "MergeRequest":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown merge request key(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return from_mapping(cls, values)
 
     def merge_settings(self) -> MergeSettings:
-        known = {f.name for f in dataclasses.fields(MergeSettings)}
-        unknown = sorted(set(self.settings) - known)
-        if unknown:
-            raise ValueError(f"unknown merge setting(s) {unknown}; known: {sorted(known)}")
-        return MergeSettings(**self.settings)
+        return self.settings
 
 
 def report_path_for(out_path: str) -> str:
@@ -73,24 +73,21 @@ class MergeService:
             raise FileNotFoundError(f"LoRA(s) {missing} are not in {self.host.lora_dir()} (refresh the list?)")
         return [files[name] for name in names]
 
-    def output_path(self, name: str, overwrite: bool) -> str:
-        out_path = safe_output_path(self.host.output_dir(), name)
-        check_output(out_path, overwrite)
-        report = report_path_for(out_path)
-        if os.path.exists(report) and not overwrite:
-            raise FileExistsError(f"{report} already exists; choose another name or allow overwriting")
-        return out_path
-
     def start(self, request: MergeRequest) -> str:
-        """Check the request and start the job; returns its id. Raises with a user-facing message."""
+        """Check the request and start the job; returns its id. Raises with a user-facing message.
+
+        Everything the job will write (LoRA, sidecar, report) is checked here, before the job
+        queues for the model.
+        """
         if len(request.loras) < 2:
             raise ValueError("pick at least two LoRAs to merge")
         if len(request.triggers) != len(request.loras):
             raise ValueError(f"{len(request.loras)} LoRAs but {len(request.triggers)} trigger entries")
         settings = request.merge_settings()
-        out_path = self.output_path(request.output, request.overwrite)
+        out_path = safe_output_path(self.host.output_dir(), request.output)
         paths = self.resolve(request.loras)
-        concepts = load_concepts(paths, [t.strip() for t in request.triggers], request.weights)
+        check_outputs(out_path, request.overwrite, report_path_for(out_path), paths)
+        concepts = load_concepts(paths, request.triggers, request.weights)
         check_concepts(concepts)
         host = self.host
 

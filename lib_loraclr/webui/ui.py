@@ -11,14 +11,15 @@ import dataclasses
 import html
 import time
 
-from ..compose.session import USER_SETTINGS, ComposeRequest, ConceptRow
+from ..compose.session import MAX_SUBJECTS as MAX_CONCEPT_ROWS  # composition rows in the txt2img script
+from ..compose.session import USER_SETTINGS, ComposeRequest
 from ..compose.settings import ComposeSettings
 from ..lora.reader import peek_lora
 from ..merge.objective import METHODS, SOLVERS, MergeSettings
+from ..validation import InputError
 from .host import WebUIHost
 from .merge_service import MergeRequest, MergeService
 
-MAX_CONCEPT_ROWS = 4  # composition rows in the txt2img script
 INFOTEXT_KEY = "LoRACLR"
 POLL_SECONDS = 0.5
 CONCEPT_HEADERS = ["LoRA", "Trigger words", "Weight"]
@@ -42,6 +43,7 @@ MERGE_FIELDS = (
     ("max_memory_gb", "Memory budget in GiB (0 = automatic)", "number"),
     ("report", "Measure the quality report (one more capture pass)", "bool"),
 )
+OPTIONAL_NUMBERS = ("capture_size", "clamp_quantile", "max_memory_gb")  # 0 in the tab = None (automatic / off)
 
 
 def visible_loras(host: WebUIHost, search: str, all_archs: bool) -> list[str]:
@@ -83,28 +85,45 @@ def concept_rows(host: WebUIHost, names: list[str], current: list[list]) -> list
     return rows
 
 
+def _gradio_number(value, kind: str):
+    """A gradio Number's value as the field's type: integral floats -> int for int fields, so the
+    request's own check (not a silent ``int()``) refuses 1.5 iterations."""
+    if kind == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def merge_request_from_ui(rows, method, output, rank, overwrite, advanced: dict) -> MergeRequest:
+    """The tab's widget values -> the request the REST API also takes (checked by ``MergeRequest``).
+
+    0 in the optional number fields (rank, capture size, clamp quantile, memory) means "off".
+    """
     rows = [row for row in rows or [] if row and str(row[0]).strip()]
-    settings = {"method": method, "rank": int(rank) if rank else None}
     kinds = {name: kind for name, _label, kind in MERGE_FIELDS}
+    settings = {"method": method, "rank": _gradio_number(rank, "int") or None}
     for name, value in advanced.items():
-        if name == "capture_size":
-            value = int(value) or None
-        elif name in ("clamp_quantile", "max_memory_gb"):
-            value = float(value) or None
-        elif kinds[name] == "bool":
-            value = bool(value)
-        elif kinds[name] == "int":
-            value = int(value)
-        settings[name] = value
+        value = _gradio_number(value, kinds[name])
+        settings[name] = (value or None) if name in OPTIONAL_NUMBERS else value
     return MergeRequest(
         loras=[str(row[0]) for row in rows],
         triggers=[str(row[1] or "") for row in rows],
-        weights=[float(row[2]) if str(row[2]).strip() else 1.0 for row in rows],
+        weights=[_table_number(row[2]) for row in rows],
         output=str(output or ""),
         settings=settings,
-        overwrite=bool(overwrite),
+        overwrite=overwrite,
     )
+
+
+def _table_number(cell):
+    """A weight cell of the concepts table (gradio gives numbers, or strings when typed in); empty = 1."""
+    if isinstance(cell, str):
+        if not cell.strip():
+            return 1.0
+        try:
+            return float(cell)
+        except ValueError:
+            raise ValueError(f"weight {cell!r} is not a number") from None
+    return 1.0 if cell is None else cell
 
 
 def report_rows(summary: dict) -> list[list]:
@@ -267,16 +286,23 @@ def request_from_args(args) -> ComposeRequest | None:
 
     API form: ``{"enabled": true, "concepts": [{"lora": ..., "words": ..., "trigger": ...,
     "weight": ...}], "style": ..., "style_on": ..., "style_weight": ..., "settings": {...},
-    "show_masks": ...}``.
+    "show_masks": ...}``. Both forms are checked by ``ComposeRequest`` (types, ranges, unknown
+    keys); widget values are only mapped to its fields, never converted.
     """
     if not args:
         return None
     if isinstance(args[0], dict):
         values = dict(args[0])
-        if not values.pop("enabled", True):
-            return None
-        return ComposeRequest.from_dict(values)
+        enabled = values.pop("enabled", True)
+        if not isinstance(enabled, bool):
+            raise InputError(ComposeRequest._what, [("enabled", "value is not a valid boolean")])
+        return ComposeRequest.from_dict(values) if enabled else None
+    expected = 1 + 4 * MAX_CONCEPT_ROWS + 3 + len(USER_SETTINGS) + 1
+    if len(args) != expected:
+        raise ValueError(f"the LoRACLR composition script takes one object or {expected} values, got {len(args)}")
     enabled, *rest = args
+    if not isinstance(enabled, bool):
+        raise InputError(ComposeRequest._what, [("enabled", "value is not a valid boolean")])
     if not enabled:
         return None
     row_values, rest = rest[: 4 * MAX_CONCEPT_ROWS], rest[4 * MAX_CONCEPT_ROWS :]
@@ -284,20 +310,17 @@ def request_from_args(args) -> ComposeRequest | None:
     for i in range(MAX_CONCEPT_ROWS):
         lora, words, trigger, weight = row_values[4 * i : 4 * i + 4]
         if lora:
-            rows.append(ConceptRow(str(lora), str(words or ""), str(trigger or ""), float(weight)))
+            rows.append({"lora": lora, "words": words or "", "trigger": trigger or "", "weight": weight})
     style, style_on, style_weight, *settings_values = rest[: 3 + len(USER_SETTINGS)]
-    show_masks = rest[3 + len(USER_SETTINGS)]
-    settings = ComposeSettings.from_mapping(dict(zip(USER_SETTINGS, _setting_types(settings_values))))
-    return ComposeRequest(tuple(rows), style or "", float(style_weight), style_on or "", settings, bool(show_masks))
-
-
-def _setting_types(values) -> list:
     defaults = ComposeSettings()
-    typed = []
-    for name, value in zip(USER_SETTINGS, values):
-        kind = type(getattr(defaults, name))
-        typed.append(kind(value) if kind is not bool else bool(value))
-    return typed
+    settings = {
+        name: _gradio_number(value, "int" if type(getattr(defaults, name)) is int else "number")
+        for name, value in zip(USER_SETTINGS, settings_values)
+    }
+    return ComposeRequest.from_dict({
+        "concepts": rows, "style": style or "", "style_weight": style_weight, "style_on": style_on or "",
+        "settings": settings, "show_masks": rest[3 + len(USER_SETTINGS)],
+    })
 
 
 def _from_infotext(getter):
