@@ -11,14 +11,16 @@ import math
 import os
 import re
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 
+import regex
 import torch
 from safetensors import SafetensorError, safe_open
 
 from ..weights import PICKLE_SUFFIXES, load_pickled_tensors
 from .base import ARCHITECTURES, LoraFile, LoraFormatError, sidecar_path
 from .keys import KOHYA_PREFIXES, diffusers_to_target, kohya_to_target, conv_kernel_hint
-from .modules import ALPHA, module_class_for
+from .modules import ALPHA, ShapeError, module_class_for
 
 TOP_TAGS = 3  # trigger words taken from ss_tag_frequency when no sidecar names them
 
@@ -48,24 +50,76 @@ class ArchMismatchError(ValueError):
     """LoRAs made for different base models were used together."""
 
 
+MAX_HEADER_BYTES = 32 * 2**20  # a LoRA's header (key table + metadata); large training-tag lists take a few MiB
+MAX_TENSORS = 50_000  # an SDXL LoHa with Tucker cores on every layer holds about 18,000
+MAX_SIDECAR_BYTES = 2**20
+MAX_JSON_BYTES = 8 * 2**20  # one metadata value parsed as JSON (ss_tag_frequency)
+
+
+def _safetensors_header_size(path: str, name: str) -> None:
+    """Refuse an absurd declared header before safetensors allocates it."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise LoraFormatError(f"{name}: not a readable safetensors file (shorter than its 8-byte header length)")
+    size = int.from_bytes(head, "little")
+    if size > MAX_HEADER_BYTES:
+        raise LoraFormatError(f"{name}: not a readable safetensors file (its header claims {size} bytes, "
+                              f"more than the {MAX_HEADER_BYTES // 2**20} MiB a LoRA header needs)")
+
+
+def _check_tensor(name: str, key: str, tensor: torch.Tensor) -> None:
+    """Only finite floating-point tensors (an integer alpha is fine): bool, complex or NaN/Inf are refused."""
+    if tensor.dtype == torch.bool or tensor.is_complex() or (not tensor.is_floating_point() and not key.endswith(ALPHA)):
+        raise LoraFormatError(f"{name}: key {key!r} holds {str(tensor.dtype).removeprefix('torch.')} values; "
+                              "LoRA factors are floating-point")
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise LoraFormatError(f"{name}: key {key!r} holds NaN or infinite values")
+
+
 def _load_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     name = os.path.basename(path)
     if not os.path.isfile(path):
         raise LoraFormatError(f"{name}: no such file ({path})")
     if path.lower().endswith(".safetensors"):
         try:
+            _safetensors_header_size(path, name)
             with safe_open(path, framework="pt", device="cpu") as f:
                 metadata = dict(f.metadata() or {})
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+                keys = list(f.keys())
+                if len(keys) > MAX_TENSORS:
+                    raise LoraFormatError(f"{name}: holds {len(keys)} tensors, more than a LoRA has ({MAX_TENSORS})")
+                tensors = {key: f.get_tensor(key) for key in keys}
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as exc:
+            if isinstance(exc, LoraFormatError):
+                raise
             raise LoraFormatError(f"{name}: not a readable safetensors file ({exc})") from exc
-        return tensors, metadata
-    if path.lower().endswith(PICKLE_SUFFIXES):
+    elif path.lower().endswith(PICKLE_SUFFIXES):
         try:
-            return load_pickled_tensors(path), {}
+            tensors, metadata = load_pickled_tensors(path), {}
         except ValueError as exc:
             raise LoraFormatError(f"{name}: {str(exc).removeprefix(path + ': ')}") from exc
-    raise LoraFormatError(f"{name}: unsupported file type (use .safetensors, .pt, .ckpt, .bin)")
+        if len(tensors) > MAX_TENSORS:
+            raise LoraFormatError(f"{name}: holds {len(tensors)} tensors, more than a LoRA has ({MAX_TENSORS})")
+    else:
+        raise LoraFormatError(f"{name}: unsupported file type (use .safetensors, .pt, .ckpt, .bin)")
+    for key, tensor in tensors.items():
+        _check_tensor(name, key, tensor)
+    return tensors, metadata
+
+
+def _json_value(text, limit: int = MAX_JSON_BYTES):
+    """JSON of bounded size and depth with finite numbers only; None when it is anything else."""
+    if not isinstance(text, (str, bytes)) or len(text) > limit:
+        return None
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _refuse_constant(constant: str):
+    raise ValueError(f"{constant} is not a number")
 
 
 def _adapter_config(path: str) -> dict:
@@ -73,25 +127,51 @@ def _adapter_config(path: str) -> dict:
     config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
     if not os.path.isfile(config_path):
         return {}
+    name = os.path.basename(path)
+    if os.path.getsize(config_path) > MAX_SIDECAR_BYTES:
+        raise LoraFormatError(f"{name}: {config_path} is larger than {MAX_SIDECAR_BYTES // 2**10} KiB")
     try:
         with open(config_path, encoding="utf-8") as f:
-            return json.load(f)
+            config = _json_value(f.read())
     except (OSError, ValueError) as exc:
-        raise LoraFormatError(f"{os.path.basename(path)}: unreadable {config_path} ({exc})") from exc
+        raise LoraFormatError(f"{name}: unreadable {config_path} ({exc})") from exc
+    if not isinstance(config, dict):
+        raise LoraFormatError(f"{name}: {config_path} is not a JSON object of finite values")
+    return config
 
 
-def _peft_alpha(config: dict, path: str) -> float | None:
+def _config_number(config: Mapping, key: str, name: str, value=None) -> float:
+    value = config[key] if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1e6:
+        raise LoraFormatError(f"{name}: adapter_config.json {key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _pattern_matches(pattern, path: str, name: str) -> bool:
+    """PEFT's per-module patterns are regular expressions; a hostile one must not hang the reader."""
+    if not isinstance(pattern, str) or len(pattern) > 500:
+        raise LoraFormatError(f"{name}: adapter_config.json pattern {str(pattern)[:40]!r} is not a short string")
+    try:
+        return regex.fullmatch(rf"(.*\.)?(?:{pattern})", path, timeout=0.5) is not None
+    except (regex.error, TimeoutError) as exc:
+        raise LoraFormatError(f"{name}: adapter_config.json pattern {pattern!r} is not a usable pattern ({exc})") from None
+
+
+def _peft_alpha(config: dict, path: str, name: str) -> float | None:
     """The alpha giving PEFT's scale (lora_alpha / r, or / sqrt(r) with rsLoRA) for one module."""
     if "lora_alpha" not in config:
         return None
-    alpha = float(config["lora_alpha"])
-    rank = float(config.get("r", 8))
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", path):
-            alpha = float(value)
-    for pattern, value in (config.get("rank_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", path):
-            rank = float(value)
+    alpha = _config_number(config, "lora_alpha", name)
+    rank = _config_number(config, "r", name) if "r" in config else 8.0
+    for key, table in (("alpha_pattern", config.get("alpha_pattern")), ("rank_pattern", config.get("rank_pattern"))):
+        if table is not None and not isinstance(table, dict):
+            raise LoraFormatError(f"{name}: adapter_config.json {key} must be an object")
+        for pattern, value in (table or {}).items():
+            if _pattern_matches(pattern, path, name):
+                if key == "alpha_pattern":
+                    alpha = _config_number(config, key, name, value)
+                else:
+                    rank = _config_number(config, key, name, value)
     if config.get("use_rslora"):
         return alpha * math.sqrt(rank)
     return alpha
@@ -157,31 +237,44 @@ def _detect_arch(metadata: dict[str, str], modules: dict) -> str | None:
 
 
 def _read_sidecar(path: str) -> dict:
+    """A1111's user metadata beside the LoRA; {} when there is none or it is not JSON (A1111 ignores those too)."""
     sidecar = sidecar_path(path)
     if not os.path.isfile(sidecar):
         return {}
+    if os.path.getsize(sidecar) > MAX_SIDECAR_BYTES:
+        raise LoraFormatError(f"{os.path.basename(path)}: its sidecar {os.path.basename(sidecar)} is larger than "
+                              f"{MAX_SIDECAR_BYTES // 2**10} KiB; a sidecar holds a few lines of metadata")
     try:
-        with open(sidecar, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
+        with open(sidecar, "rb") as f:
+            data = _json_value(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
+def _words(text: str) -> str:
+    """Whitespace (newlines, tabs) collapsed to single spaces."""
+    return " ".join(text.split())
+
+
 def _triggers(path: str, metadata: dict[str, str]) -> list[str]:
-    """Sidecar ``activation text`` (comma separated), else the most frequent training tags."""
+    """Sidecar ``activation text`` (comma separated), else the most frequent training tags.
+
+    Unreadable training tags (not JSON, NaN counts, absurd nesting) give no triggers, as they
+    give A1111 no tag list: the file is still a usable LoRA.
+    """
     activation = _read_sidecar(path).get("activation text")
     if isinstance(activation, str) and activation.strip():
-        return [word.strip() for word in activation.split(",") if word.strip()]
-    try:
-        frequency = json.loads(metadata.get("ss_tag_frequency", "{}"))
-    except ValueError:
-        return []
+        return [_words(word) for word in activation.split(",") if word.strip()]
+    frequency = _json_value(metadata.get("ss_tag_frequency", "{}"))
     counts: Counter[str] = Counter()
     if isinstance(frequency, dict):
         for tags in frequency.values():
             if isinstance(tags, dict):
-                counts.update({tag.strip(): int(n) for tag, n in tags.items() if isinstance(n, (int, float))})
+                counts.update({
+                    _words(tag): int(n) for tag, n in tags.items()
+                    if isinstance(n, (int, float)) and not isinstance(n, bool) and 0 < n < 2**53
+                })
     return [tag for tag, _ in counts.most_common(TOP_TAGS) if tag]
 
 
@@ -220,7 +313,7 @@ def read_lora(path: str) -> LoraFile:
         except ValueError as exc:
             raise LoraFormatError(f"{name}: key {module_key!r}: {exc}") from exc
         if ALPHA not in group and families[module_key] == "dotted":
-            alpha = _peft_alpha(config, module_key.removeprefix("base_model.model."))
+            alpha = _peft_alpha(config, module_key.removeprefix("base_model.model."), name)
             if alpha is not None:
                 group[ALPHA] = torch.tensor(alpha)
         if target in modules:
@@ -228,8 +321,8 @@ def read_lora(path: str) -> LoraFile:
         module = cls(target=target, tensors=group, kernel=conv_kernel_hint(target))
         try:
             module.check_shapes()
-        except (RuntimeError, ValueError) as exc:
-            raise LoraFormatError(f"{name}: key {module_key!r}: tensor shapes do not fit ({exc})") from exc
+        except ShapeError as exc:
+            raise LoraFormatError(f"{name}: key {module_key!r}: tensor shapes do not fit ({exc})") from None
         modules[target] = module
     return LoraFile(
         path=path,
@@ -276,6 +369,7 @@ def peek_lora(path: str) -> dict:
     For LoRA lists in the WebUI, which show dozens of files at once. arch is None when neither
     the metadata nor the key names and the cross-attention input width tell.
     """
+    _safetensors_header_size(path, os.path.basename(path))
     with safe_open(path, framework="pt") as handle:
         metadata = handle.metadata() or {}
         arch = _arch_from_metadata(metadata)
