@@ -1,12 +1,48 @@
-"""``python -m lib_loraclr inspect | merge | compose | demo``."""
+"""``python -m lib_loraclr inspect | merge | compose | demo``.
+
+Errors are one line, ``error: ...`` naming the file or option, exit code 2; Ctrl-C exits 130
+("cancelled", nothing written); ``--debug`` adds the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import traceback
 
 from .merge.objective import METHODS, SOLVERS, MergeSettings
+from .validation import InputError
+
+# MergeSettings fields whose CLI option is not "--" + the field name with dashes.
+_OPTION_OF_FIELD = {"report": "--no-report", "max_memory_gb": "--max-memory"}
+
+
+def device_name(text: str) -> str:
+    """argparse type of ``--device``: a device torch knows and this machine has."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (use cpu, cuda, cuda:1 or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available ({why}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine; use --device cpu")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: only cpu, cuda and mps devices are supported")
+    return text
+
+
+def option_names(error: InputError, fields) -> InputError:
+    """A settings error with field names replaced by the CLI options that set them."""
+    return error.renamed({name: _OPTION_OF_FIELD.get(name, "--" + name.replace("_", "-")) for name in fields}, "")
 
 
 def _add_merge_settings(parser: argparse.ArgumentParser):
@@ -40,12 +76,16 @@ def _add_merge_settings(parser: argparse.ArgumentParser):
 
 
 def _settings_from(args) -> MergeSettings:
-    return MergeSettings(
+    values = dict(
         method=args.method, solver=args.solver, margin=args.margin, lambda_reg=args.lambda_reg,
         lambda_mse=args.lambda_mse, lr=args.lr, iters=args.iters, rank=args.rank, energy=args.energy,
         max_rank=args.max_rank, capture_steps=args.capture_steps, capture_size=args.capture_size, seed=args.seed,
         report=not args.no_report, max_memory_gb=args.max_memory,
     )
+    try:
+        return MergeSettings(**values)
+    except InputError as error:
+        raise option_names(error, values) from None
 
 
 def cmd_inspect(args) -> int:
@@ -81,13 +121,13 @@ def _progress_bar():
 def cmd_merge(args) -> int:
     from .hosts.diffusers import load_base
     from .merge.engine import check_concepts
-    from .merge.pipeline import check_output, load_concepts, merge_to_file
+    from .merge.pipeline import check_outputs, load_concepts, merge_to_file
 
     if args.report and args.no_report:
         raise ValueError("--report writes the quality report: drop --no-report, or --report")
-    check_output(args.out, args.overwrite)
     settings = _settings_from(args)
     concepts = load_concepts(args.lora, args.trigger, args.weight)
+    check_outputs(args.out, args.overwrite, args.report, args.lora)
     check_concepts(concepts)
     model = load_base(args.base, config=args.config, device=args.device)
     progress, bar = _progress_bar()
@@ -112,43 +152,74 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with our one-line errors (no usage dump); exit code 2 as argparse's own."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lib_loraclr", description=__doc__)
+    parser = _Parser(prog="python -m lib_loraclr", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common = _Parser(add_help=False)  # --debug after the command works too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    inspect = commands.add_parser("inspect", help="describe LoRA files: format, architecture, rank, triggers")
+    inspect = commands.add_parser("inspect", parents=[common], help="describe LoRA files: format, architecture, rank, triggers")
     inspect.add_argument("files", nargs="+")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(func=cmd_inspect)
 
-    merge = commands.add_parser("merge", help="merge concept LoRAs into one LoRA file")
+    merge = commands.add_parser("merge", parents=[common], help="merge concept LoRAs into one LoRA file")
     merge.add_argument("--base", required=True, help="diffusers folder or single-file SD1/SDXL .safetensors")
     merge.add_argument("--config", help="local diffusers folder with configs + tokenizer, for a single-file base")
     merge.add_argument("--lora", action="append", required=True, help="a LoRA file (repeat)")
-    merge.add_argument("--trigger", action="append", help="trigger words of the matching --lora (repeat, in order)")
-    merge.add_argument("--weight", action="append", type=float, help="strength of the matching --lora (default 1)")
+    merge.add_argument("--trigger", action="append",
+                       help="trigger words of the matching --lora (repeat, in order; without any --trigger they "
+                            "come from each LoRA's sidecar or metadata)")
+    merge.add_argument("--weight", action="append", type=float, help="strength of the matching --lora (default 1, at most 10)")
     merge.add_argument("--out", required=True, help="output .safetensors path")
     merge.add_argument("--report", help="also write the quality report as JSON here")
-    merge.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    merge.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace existing output files (never the merge's own input files)")
+    merge.add_argument("--device", default="cpu", type=device_name, help="cpu, cuda, cuda:1 ...")
     _add_merge_settings(merge)
     merge.set_defaults(func=cmd_merge)
 
     from .compose.pipeline import add_compose_command
 
-    add_compose_command(commands)
+    add_compose_command(commands, parents=[common])
 
-    demo = commands.add_parser("demo", help="merge tiny built-in concept LoRAs on a tiny built-in model")
+    demo = commands.add_parser("demo", parents=[common], help="merge tiny built-in concept LoRAs on a tiny built-in model")
     demo.add_argument("--out", default="loraclr_demo", help="folder for the demo's files (a new one is picked if it exists)")
-    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--device", default="cpu", type=device_name)
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """The message of an error as one line; errors that are not about the input say what they are."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (ValueError, OSError, KeyError, MemoryError)):
+        return message
+    return f"{type(error).__name__}: {message} (run with --debug for the traceback)"
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    debug = False
     try:
+        args = build_parser().parse_args(argv)
+        debug = args.debug
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, KeyError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("cancelled: nothing was written", file=sys.stderr)
+        return 130
+    except Exception as error:  # every failure is one line; --debug for the traceback
+        if debug:
+            traceback.print_exc()
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2

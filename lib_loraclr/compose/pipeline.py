@@ -12,7 +12,7 @@ import io
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -20,10 +20,11 @@ from PIL import Image
 from ..hosts.diffusers import DiffusersModel
 from ..lora.base import LoraFile
 from ..lora.reader import read_lora
-from ..lora.writer import atomic_write
+from ..lora.writer import check_output_files, write_files
 from ..model import at_least_float32
 from ..runtime import LoraRuntime
 from ..sampling import decode_latents, initial_noise, sigmas_for, trailing_timesteps
+from ..validation import InputError, Seed, checked, integer
 from .attention import cross_attention_modules
 from .concepts import ConceptPlan, LoraConcept, plan_concepts
 from .engine import ComposeEngine, encode_passes
@@ -32,6 +33,9 @@ from .overlay import overlay_sheet
 from .settings import ComposeSettings
 
 SAMPLERS = ("dpmpp_2m", "euler")
+# ComposeSettings fields whose CLI option is not "--" + the field name with dashes.
+_SETTING_OPTIONS = {"--guidance-scale": "--guidance", "--attention-res-divisor": "--attention-divisor",
+                    "--use-latent-update": "--no-latent-update", "--use-masks": "--no-masks"}
 
 
 @dataclass
@@ -157,13 +161,20 @@ def _image_bytes(image: Image.Image, path: str) -> bytes:
     return buffer.getvalue()
 
 
-def _check_outputs(paths: list[str], overwrite: bool) -> None:
-    for path in paths:
-        if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"{path} already exists; choose another name or pass --overwrite")
-        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise FileNotFoundError(f"output folder {os.path.dirname(os.path.abspath(path))} does not exist")
+def _check_outputs(outputs: dict[str, str], overwrite: bool, inputs: Sequence[str]) -> None:
+    check_output_files(outputs, overwrite, inputs)
+    for path in outputs.values():
         _image_bytes(Image.new("RGB", (1, 1)), path)
+
+
+@checked(frozen=True, what="")
+class GenerationOptions:
+    """The sampling run's size, steps and seed; bounded so a typo cannot run for days."""
+
+    steps: integer(ge=1, le=1000) = 50
+    seed: Seed = 0
+    height: integer(ge=8, le=2048) = 512
+    width: integer(ge=8, le=2048) = 512
 
 
 def _read_loras(paths: Sequence[str], role: str) -> list[LoraFile]:
@@ -226,7 +237,9 @@ def compose(
         raise ValueError(
             f"{len(loras)} --lora but {len(words)} --words and {len(triggers)} --trigger: give one of each per --lora"
         )
-    _check_outputs([out] + ([save_masks] if save_masks else []), overwrite)
+    options = GenerationOptions(steps, seed, *size)
+    outputs = {"image": out, **({"masks": save_masks} if save_masks else {})}
+    _check_outputs(outputs, overwrite, list(loras) + list(styles))
     subject_loras = _read_loras(loras, "subject")
     style_loras = _read_loras(styles, "style")
     style_groups = [_subject_numbers(text, len(loras)) for text in (style_subjects or [None] * len(styles))]
@@ -234,7 +247,7 @@ def compose(
         raise ValueError(f"{len(style_loras)} --style but {len(style_groups)} --style-on: give one per --style or none")
     concepts = [LoraConcept(w, t or None) for w, t in zip(words, triggers)]
     model = load_base(base, config=config, device=device)
-    height, width = size
+    steps, seed, height, width = options.steps, options.seed, options.height, options.width
     bar = None
     if progress:
         from tqdm import tqdm
@@ -249,40 +262,48 @@ def compose(
     finally:
         if bar is not None:
             bar.close()
-    atomic_write(out, _image_bytes(result.images[0], out), overwrite)
+    files = {out: _image_bytes(result.images[0], out)}
     if save_masks:
         sheet = overlay_sheet(result.images, result.masks, [lora.name for lora in subject_loras])
-        atomic_write(save_masks, _image_bytes(sheet, save_masks), overwrite)
+        files[save_masks] = _image_bytes(sheet, save_masks)
+    write_files(files, overwrite)
     return {"image": out, "masks": save_masks, "passes": [p.clean_prompt for p in result.plan.passes]}
 
 
 def cmd_compose(args) -> int:
-    defaults = ComposeSettings()
-    settings = replace(
-        defaults,
-        guidance_scale=args.guidance,
-        step_size=args.step_size,
-        mask_threshold=args.mask_threshold,
-        attention_res_divisor=args.attention_divisor,
-        use_latent_update=not args.no_latent_update,
+    from ..cli import option_names
+
+    values = dict(
+        guidance_scale=args.guidance, step_size=args.step_size, mask_threshold=args.mask_threshold,
+        attention_res_divisor=args.attention_divisor, use_latent_update=not args.no_latent_update,
         use_masks=not args.no_masks,
     )
-    summary = compose(
-        args.base, args.prompt, args.lora, args.words or [], args.out, triggers=args.trigger,
-        styles=args.style or [], style_subjects=args.style_on, negative_prompt=args.negative_prompt, steps=args.steps, seed=args.seed,
-        size=parse_size(args.size), settings=settings, sampler=args.sampler, save_masks=args.save_masks,
-        overwrite=args.overwrite, device=args.device, config=args.config,
-    )
+    try:
+        settings = ComposeSettings(**values)
+    except InputError as error:
+        raise option_names(error, values).renamed(_SETTING_OPTIONS) from None
+    try:
+        summary = compose(
+            args.base, args.prompt, args.lora, args.words or [], args.out, triggers=args.trigger,
+            styles=args.style or [], style_subjects=args.style_on, negative_prompt=args.negative_prompt,
+            steps=args.steps, seed=args.seed, size=parse_size(args.size), settings=settings, sampler=args.sampler,
+            save_masks=args.save_masks, overwrite=args.overwrite, device=args.device, config=args.config,
+        )
+    except InputError as error:
+        raise error.renamed({"steps": "--steps", "seed": "--seed", "height": "--size", "width": "--size"}) from None
     for i, pass_prompt in enumerate(summary["passes"]):
         print(f"pass {i}: {pass_prompt}")
     print(f"wrote {summary['image']}" + (f" and {summary['masks']}" if summary["masks"] else ""))
     return 0
 
 
-def add_compose_command(subparsers):
+def add_compose_command(subparsers, parents=()):
     """Add ``compose`` to the CLI's subparsers; returns its parser."""
+    from ..cli import device_name
+
     defaults = ComposeSettings()
-    parser = subparsers.add_parser("compose", help="generate an image with several LoRAs composed by CLoRA")
+    parser = subparsers.add_parser("compose", parents=list(parents),
+                                   help="generate an image with several LoRAs composed by CLoRA")
     parser.add_argument("--base", required=True, help="diffusers folder or single-file SD checkpoint")
     parser.add_argument("--config", help="local diffusers folder with configs + tokenizer, for a single-file base")
     parser.add_argument("--prompt", required=True, help='base prompt naming every subject, e.g. "a cat and a dog"')
@@ -309,6 +330,6 @@ def add_compose_command(subparsers):
                         help="read attention maps at image size / this (32: 16x16 at 512px)")
     parser.add_argument("--no-latent-update", action="store_true", help="skip the contrastive latent update")
     parser.add_argument("--no-masks", action="store_true", help="average the passes instead of masking")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    parser.add_argument("--device", default="cpu", type=device_name, help="cpu, cuda, cuda:1 ...")
     parser.set_defaults(func=cmd_compose)
     return parser

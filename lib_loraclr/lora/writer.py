@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import tempfile
+from collections.abc import Mapping, Sequence
 
 import safetensors.torch
 import torch
@@ -27,33 +30,145 @@ SIDECAR_SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
 LORA_SUFFIX = ".safetensors"
 
 
+# A file name we write: starts with a letter, digit or "_", ends with one or ")", and holds only
+# those, spaces and a few punctuation marks: no path separators, control characters, bidi
+# overrides or trailing dots/spaces that Windows would silently strip.
+_SAFE_NAME = re.compile(r"\w(?:[\w .()\[\]+,=@&'!~#-]*[\w)\]])?")
+_WINDOWS_RESERVED = re.compile(r"(con|prn|aux|nul|com\d|lpt\d)(\..*)?", re.IGNORECASE)
+MAX_NAME_CHARS = 200
+
+
+def check_file_name(name: str, what: str = "output file name") -> None:
+    """Refuse a file name (no folder part) that is unsafe or too long to write on common file systems."""
+    if not _SAFE_NAME.fullmatch(name) or ".." in name or _WINDOWS_RESERVED.fullmatch(name):
+        raise ValueError(
+            f"invalid {what} {name!r}: use letters, digits, spaces and _ - . ( ) [ ] + , = @ & ' ! ~ #, "
+            "starting with a letter or digit (no '/', '\\', '..', control or invisible characters)"
+        )
+    if len(name) > MAX_NAME_CHARS or len(name.encode("utf-8")) > 255:
+        raise ValueError(f"invalid {what} {name[:40]!r}...: at most {MAX_NAME_CHARS} characters")
+
+
 def safe_output_path(folder: str, name: str) -> str:
     """``folder/name.safetensors`` for a user-given file name; no path tricks allowed."""
     stripped = name.strip()
-    if not stripped or "/" in stripped or "\\" in stripped or ".." in stripped or "\0" in stripped:
-        raise ValueError(f"invalid output file name {name!r}: give a plain name without '/', '\\' or '..'")
     if not stripped.endswith(LORA_SUFFIX):
         stripped += LORA_SUFFIX
+    check_file_name(stripped[: -len(LORA_SUFFIX)])
     return os.path.join(folder, stripped)
 
 
-def atomic_write(path: str, data: bytes, overwrite: bool) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder; never leave a partial file."""
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another name or allow overwriting")
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, temp_path = tempfile.mkstemp(prefix=".loraclr-", suffix=".tmp", dir=folder)
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def _check_writable(folder: str, role: str) -> None:
+    """A real write test: permission bits do not tell for root, read-only mounts or ACLs."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".loraclr-probe-", dir=folder)
+    except OSError as error:
+        raise PermissionError(f"cannot write the {role} into {folder}: {error.strerror or error}") from None
+    os.close(fd)
+    os.remove(probe)
+
+
+def check_output_files(outputs: Mapping[str, str], overwrite: bool, inputs: Sequence[str] = ()) -> None:
+    """Everything ``write_files`` needs, checked before any work: ``outputs`` (role -> path) have
+    safe names, existing writable folders, no existing file unless ``overwrite``, and none is
+    another output or one of ``inputs`` (files the job reads: never replaced, even with
+    ``overwrite``)."""
+    for role, path in outputs.items():
+        check_file_name(os.path.basename(path), f"{role} file name")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{role} folder {folder} does not exist")
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{role} {path} is a folder")
+        if os.path.lexists(path) and not overwrite:
+            raise FileExistsError(f"{path} already exists; choose another name or allow overwriting")
+        _check_writable(folder, role)
+    items = list(outputs.items())
+    for i, (role, path) in enumerate(items):
+        for other_role, other in items[:i]:
+            if _same_file(path, other):
+                raise ValueError(f"the {role} {path} and the {other_role} are the same file; give them different names")
+        for source in inputs:
+            if _same_file(path, source):
+                raise ValueError(f"the {role} {path} is one of the inputs ({os.path.basename(source)}), which are "
+                                 "never replaced, even with overwriting allowed: choose another name")
+
+
+def _write_temp(path: str, data: bytes) -> str:
+    """``data`` in a new temp file beside ``path`` (same file system, so it can be renamed in)."""
+    fd, temp_path = tempfile.mkstemp(prefix=".loraclr-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(temp_path, 0o644)  # mkstemp makes 0600; a LoRA file is an ordinary shared file
-        os.replace(temp_path, path)
     except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
+        os.remove(temp_path)
         raise
+    return temp_path
+
+
+def _quiet_remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def write_files(contents: dict[str, bytes], overwrite: bool) -> None:
+    """Write several files all-or-nothing: every one is staged in a temp file, then they are
+    renamed in; if anything fails (or Ctrl-C), files already renamed in are taken out again and
+    the files they replaced put back. Errors name the real file, never a temp file."""
+    staged: list[tuple[str, str]] = []  # (path, temp)
+    done: list[tuple[str, str | None]] = []  # (path, backup of the file it replaced)
+    current = ""
+    try:
+        for path in contents:
+            current = path
+            if os.path.lexists(path) and not overwrite:
+                raise FileExistsError(f"{path} already exists; choose another name or allow overwriting")
+            if os.path.isdir(path):
+                raise IsADirectoryError(f"{path} is a folder")
+        for path, data in contents.items():
+            current = path
+            staged.append((path, _write_temp(path, data)))
+        for path, temp in staged:
+            current = path
+            backup = None
+            if os.path.lexists(path):
+                backup = temp + ".old"
+                os.replace(path, backup)
+            done.append((path, backup))
+            os.replace(temp, path)
+    except BaseException as error:
+        for path, backup in reversed(done):
+            if backup is None:
+                _quiet_remove(path)
+            else:
+                os.replace(backup, path)
+        for _, temp in staged:
+            _quiet_remove(temp)
+        if isinstance(error, OSError) and not isinstance(error, FileExistsError | IsADirectoryError):
+            raise OSError(f"cannot write {current}: {error.strerror or error}") from None
+        raise
+    for _, backup in done:
+        if backup is not None:
+            _quiet_remove(backup)
+
+
+def atomic_write(path: str, data: bytes, overwrite: bool) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder; never leave a partial file."""
+    write_files({path: data}, overwrite)
 
 
 def model_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
@@ -169,6 +284,8 @@ class KohyaWriter:
             raise RuntimeError("the writer is sealed; no more layers can be added")
         low_rank = delta if isinstance(delta, LowRank) else None
         norm = frobenius(low_rank) if low_rank is not None else float(torch.linalg.vector_norm(delta.float()))
+        if not math.isfinite(norm):
+            raise ValueError(f"the merged delta of layer {target} is not finite (NaN or Inf): nothing was written")
         if norm == 0:
             self.skipped.append(target)
             return
@@ -191,8 +308,16 @@ class KohyaWriter:
         for target, (up, down) in self.factors.items():
             layer_rank = down.shape[0]
             name = kohya_key(target, self.arch)
-            self.tensors[f"{name}.lora_up.weight"] = (up * (layer_rank / self.alpha)).to(self.dtype)
-            self.tensors[f"{name}.lora_down.weight"] = down.to(self.dtype)
+            stored_up, stored_down = (up * (layer_rank / self.alpha)).to(self.dtype), down.to(self.dtype)
+            for factor, exact in ((stored_up, up), (stored_down, down)):
+                if not torch.isfinite(factor).all():
+                    raise ValueError(
+                        f"the merged delta of layer {target} does not fit {str(self.dtype).removeprefix('torch.')} "
+                        f"(factor values up to {float(exact.abs().max()):.3g}): the input LoRAs' weights are too large; "
+                        "nothing was written"
+                    )
+            self.tensors[f"{name}.lora_up.weight"] = stored_up
+            self.tensors[f"{name}.lora_down.weight"] = stored_down
             self.tensors[f"{name}.alpha"] = torch.tensor(float(self.alpha), dtype=self.dtype)
         self._sealed_ranks = {target: down.shape[0] for target, (_, down) in self.factors.items()}
         self.factors = {}
@@ -216,6 +341,12 @@ class KohyaWriter:
 
     def save(self, path: str, metadata: dict | None = None, overwrite: bool = False) -> dict:
         """Write the sealed file atomically; returns {"path", "ranks", "errors", "skipped", "model_hash"}."""
+        data, info = self.encode(path, metadata)
+        atomic_write(path, data, overwrite)
+        return info
+
+    def encode(self, path: str, metadata: dict | None = None) -> tuple[bytes, dict]:
+        """The file ``save`` writes to ``path``, as bytes (to write with other files at once), and ``save``'s dict."""
         if self.alpha is None:
             self.seal()
         ranks = self.ranks
@@ -234,9 +365,10 @@ class KohyaWriter:
         model_hash, legacy_hash = model_hashes(self.tensors, file_metadata)
         file_metadata["sshs_model_hash"] = model_hash
         file_metadata["sshs_legacy_hash"] = legacy_hash
-        atomic_write(path, safetensors.torch.save(self.tensors, file_metadata), overwrite)
-        return {"path": path, "ranks": ranks, "errors": dict(self.errors), "skipped": list(self.skipped),
-                "model_hash": model_hash}
+        return safetensors.torch.save(self.tensors, file_metadata), {
+            "path": path, "ranks": ranks, "errors": dict(self.errors), "skipped": list(self.skipped),
+            "model_hash": model_hash,
+        }
 
 
 def dense_as_factors(delta: torch.Tensor) -> LowRank:
@@ -271,6 +403,19 @@ def write_kohya_lora(
     return writer.save(path, metadata, overwrite)
 
 
+def sidecar_bytes(
+    activation_text: str, description: str | None = None, preferred_weight: float = 1.0, arch: str | None = None
+) -> bytes:
+    """A1111's ``<name>.json`` content: activation text, preferred weight, sd version."""
+    content = {
+        "description": description or "",
+        "sd version": SIDECAR_SD_VERSION.get(arch, "Unknown"),
+        "activation text": activation_text,
+        "preferred weight": preferred_weight,
+    }
+    return json.dumps(content, indent=4, ensure_ascii=False).encode("utf-8")
+
+
 def write_sidecar(
     path_of_lora: str,
     activation_text: str,
@@ -286,11 +431,5 @@ def write_sidecar(
     if arch is None:
         arch = read_lora(path_of_lora).arch
     sidecar = sidecar_path(path_of_lora)
-    content = {
-        "description": description or "",
-        "sd version": SIDECAR_SD_VERSION.get(arch, "Unknown"),
-        "activation text": activation_text,
-        "preferred weight": preferred_weight,
-    }
-    atomic_write(sidecar, json.dumps(content, indent=4, ensure_ascii=False).encode("utf-8"), overwrite)
+    atomic_write(sidecar, sidecar_bytes(activation_text, description, preferred_weight, arch), overwrite)
     return sidecar

@@ -3,29 +3,49 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+from collections.abc import Sequence
+from typing import Optional
 
 from .. import __version__
 from ..lora.base import LoraFile, sidecar_path
-from ..lora.writer import KohyaWriter, atomic_write, write_sidecar
+from ..lora.writer import LORA_SUFFIX, KohyaWriter, check_output_files, sidecar_bytes, write_files
 from ..model import ModelAccess
+from ..validation import InputError, Strength, Trigger, checked, text
 from .engine import Concept, LoraclrMerge
 from .objective import MergeSettings
 from .progress import Progress
 from .report import format_table
 
 
-def check_output(out_path: str, overwrite: bool):
-    """Fail before any work when the output would clobber a file the user did not offer."""
-    if not out_path.endswith(".safetensors"):
-        raise ValueError(f"output {out_path!r} must end in .safetensors")
-    for path in (out_path, sidecar_path(out_path)):
-        if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"{path} already exists; choose another name or allow overwriting")
-    folder = os.path.dirname(os.path.abspath(out_path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"output folder {folder} does not exist")
+def check_outputs(
+    out_path: str, overwrite: bool, report_path: str | None = None, inputs: Sequence[str] = ()
+) -> list[str]:
+    """Fail before any work when the outputs (LoRA, its sidecar, the report) could not all be written.
+
+    ``inputs`` are the merge's LoRA files: neither they nor their sidecars are ever replaced,
+    even with ``overwrite`` (``check_output_files``). Returns the output paths.
+    """
+    if not out_path.endswith(LORA_SUFFIX):
+        raise ValueError(f"output {out_path!r} must end in {LORA_SUFFIX}")
+    outputs = {"output": out_path, "sidecar": sidecar_path(out_path)}
+    if report_path:
+        outputs["report"] = report_path
+    check_output_files(outputs, overwrite, [p for source in inputs for p in (source, sidecar_path(source))])
+    return list(outputs.values())
+
+
+def json_safe(value):
+    """NaN / Inf floats -> None, so a report is valid JSON (a layer with no effect has no ratios)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
 
 
 def merge_to_file(
@@ -38,11 +58,9 @@ def merge_to_file(
     report_path: str | None = None,
     progress: Progress | None = None,
 ) -> dict:
-    """Merge, write ``out_path`` + its sidecar (+ report JSON); returns the summary dict."""
+    """Merge, write ``out_path`` + its sidecar (+ report JSON) all at once; returns the summary dict."""
     progress = progress or Progress()
-    check_output(out_path, overwrite)
-    if report_path and os.path.exists(report_path) and not overwrite:
-        raise FileExistsError(f"{report_path} already exists; choose another name or allow overwriting")
+    check_outputs(out_path, overwrite, report_path, [c.lora.path for c in concepts])
     started = time.perf_counter()
     progress.update("load", 1, 1, message=f"merging {len(concepts)} LoRAs with {settings.method}")
     merge = LoraclrMerge(model, concepts, settings, progress)
@@ -72,11 +90,14 @@ def merge_to_file(
         "ss_tag_frequency": json.dumps({"loraclr": {c.trigger: 1 for c in concepts}}),
     }
     if reports:
-        metadata["loraclr_quality"] = {m: {n: f["overall"] for n, f in r.items()} for m, r in reports.items()}
+        metadata["loraclr_quality"] = json_safe({m: {n: f["overall"] for n, f in r.items()} for m, r in reports.items()})
     write_started = time.perf_counter()
-    written = writer.save(out_path, metadata, overwrite)
-    write_sidecar(out_path, ", ".join(c.trigger for c in concepts), overwrite=overwrite, arch=model.arch,
-                  description=f"LoRACLR merge ({settings.method}) of {', '.join(names)}")
+    lora_bytes, written = writer.encode(out_path, metadata)
+    files = {
+        out_path: lora_bytes,
+        sidecar_path(out_path): sidecar_bytes(", ".join(c.trigger for c in concepts), arch=model.arch,
+                                              description=f"LoRACLR merge ({settings.method}) of {', '.join(names)}"),
+    }
     summary = {
         "output": out_path,
         "method": settings.method,
@@ -92,26 +113,52 @@ def merge_to_file(
         "settings": settings.to_dict(),
     }
     if report_path:
-        atomic_write(report_path, json.dumps(summary, indent=1, default=str).encode(), overwrite)
+        files[report_path] = json.dumps(json_safe(summary), indent=1, default=str, allow_nan=False).encode()
+    write_files(files, overwrite)
     progress.update("write", 2, 2, message=f"wrote {out_path}", check=False)
     summary["table"] = format_table(reports) if reports else ""
     return summary
 
 
-def load_concepts(paths: list[str], triggers: list[str | None], weights: list[float] | None = None) -> list[Concept]:
-    """Read LoRA files and pair them with triggers (given, or from the file's sidecar/metadata)."""
+@checked(frozen=True, what="concept")
+class ConceptInput:
+    """One LoRA to merge as the user gave it: trigger None = read from its sidecar or metadata."""
+
+    path: text(min_length=1, max_length=4096)
+    trigger: Optional[Trigger] = None
+    weight: Strength = 1.0
+
+
+def load_concepts(
+    paths: Sequence[str], triggers: Sequence[str | None] | None, weights: Sequence[float] | None = None
+) -> list[Concept]:
+    """Read LoRA files and pair them with triggers (given, or from the file's sidecar/metadata).
+
+    A trigger given as an empty string is an error, never replaced from the file.
+    """
     from ..lora.reader import read_lora
 
     if triggers and len(triggers) != len(paths):
         raise ValueError(f"{len(paths)} LoRAs but {len(triggers)} triggers: give one --trigger per --lora")
-    weights = weights or [1.0] * len(paths)
-    if len(weights) != len(paths):
-        raise ValueError(f"{len(paths)} LoRAs but {len(weights)} weights")
-    concepts = []
+    if weights and len(weights) != len(paths):
+        raise ValueError(f"{len(paths)} LoRAs but {len(weights)} weights: give one --weight per --lora")
+    specs = []
     for index, path in enumerate(paths):
-        lora: LoraFile = read_lora(path)
-        trigger = (triggers[index] if triggers else None) or ", ".join(lora.triggers[:1])
+        trigger = triggers[index] if triggers else None
+        if isinstance(trigger, str):
+            trigger = trigger.strip()
+            if not trigger:
+                raise ValueError(f"{path}: the trigger words given for it are empty; give them, or leave the "
+                                 "trigger out to read it from the LoRA's sidecar or metadata")
+        try:
+            specs.append(ConceptInput(path, trigger, weights[index] if weights else 1.0))
+        except InputError as error:
+            raise error.renamed({}, f"LoRA {index + 1} ({os.path.basename(str(path))})") from None
+    concepts = []
+    for spec in specs:
+        lora: LoraFile = read_lora(spec.path)
+        trigger = spec.trigger or ", ".join(lora.triggers[:1])
         if not trigger:
-            raise ValueError(f"{path}: no trigger words given and none found in its metadata or sidecar")
-        concepts.append(Concept(lora, trigger, weights[index]))
+            raise ValueError(f"{spec.path}: no trigger words given and none found in its metadata or sidecar")
+        concepts.append(Concept(lora, trigger, spec.weight))
     return concepts
