@@ -72,7 +72,8 @@ class LoraclrCompose(scripts.Script):
         try:
             model = self.host.model()
             model.image_size = (p.height, p.width)
-            self.session = ComposeSession(model, self.request, self.host.lora_files(), p.prompts, p.negative_prompts)
+            self.session = ComposeSession(model, self.request, self.host.lora_files(), p.prompts, p.negative_prompts,
+                                          embeddings=self.host.embedding_names())
         except Exception as error:
             self.error = error
 

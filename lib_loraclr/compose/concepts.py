@@ -7,9 +7,10 @@ receives for the prompt with A1111 syntax removed: BOS at 0, so the first word t
 A1111 prompt syntax is handled the way A1111 does it: ``<lora:name:0.8>``-style
 extra-network tags are removed, the attention grammar (``(word:1.2)``, ``((word))``,
 ``[word]``, ``\\(`` escapes) is stripped to its text, and each run of equal emphasis is
-tokenized on its own, then concatenated. Not supported (clear errors or documented
-limits): ``BREAK`` and prompts over 75 tokens (CLoRA composes in one 77-token window),
-prompt editing ``[a:b:0.5]`` / alternation ``[a|b]``, textual-inversion embeddings.
+tokenized on its own, then concatenated; the weights are kept per token and applied to each
+pass's conditioning. Not supported (clear errors or documented limits): ``BREAK`` and prompts
+over 75 tokens (CLoRA composes in one 77-token window), brackets that split a word, prompt
+editing ``[a:b:0.5]`` / alternation ``[a|b]``, textual-inversion embeddings (refused).
 
 The tokenizer is any Hugging Face CLIP tokenizer (slow or fast): ``encode(text,
 add_special_tokens=False)`` and ``convert_ids_to_tokens``; CLIP BPE marks a word's last
@@ -148,6 +149,7 @@ class ParsedPrompt:
     char_to_token: per character of ``clean``, the encoder position of the token it belongs
         to (BOS = 0, first token = 1), -1 for whitespace and characters the tokenizer drops.
     raw_offsets: per character of ``clean``, its index in ``prompt``.
+    token_weights: per token, the A1111 emphasis weight of its run (1.0 outside brackets).
     """
 
     prompt: str
@@ -155,6 +157,7 @@ class ParsedPrompt:
     token_ids: tuple[int, ...]
     char_to_token: tuple[int, ...]
     raw_offsets: tuple[int, ...]
+    token_weights: tuple[float, ...] = ()  # per token of token_ids: its emphasis weight
 
     def spans_of(self, phrase: str) -> list[tuple[int, int]]:
         """(start, end) character spans in ``clean`` of every whole-word occurrence."""
@@ -194,6 +197,7 @@ def parse_prompt(prompt: str, tokenizer) -> ParsedPrompt:
     """
     clean_parts: list[str] = []
     token_ids: list[int] = []
+    token_weights: list[float] = []
     char_to_token: list[int] = []
     raw_offsets: list[int] = []
     for fragment in parse_attention(prompt):
@@ -215,10 +219,17 @@ def parse_prompt(prompt: str, tokenizer) -> ParsedPrompt:
             )
         clean_parts.append(fragment.text)
         token_ids.extend(fragment_ids)
+        token_weights.extend([fragment.weight] * len(fragment_ids))
         char_to_token.extend(fragment_map)
         raw_offsets.extend(fragment.raw_offsets)
+    clean = "".join(clean_parts)
+    if token_ids != list(tokenizer.encode(clean, add_special_tokens=False)):
+        # the encoders tokenize the clean prompt as a whole: positions and weights would shift
+        raise ValueError(
+            f"prompt {prompt!r}: an emphasis bracket or weight splits a word; put the brackets around whole words"
+        )
     return ParsedPrompt(
-        prompt, "".join(clean_parts), tuple(token_ids), tuple(char_to_token), tuple(raw_offsets)
+        prompt, clean, tuple(token_ids), tuple(char_to_token), tuple(raw_offsets), tuple(token_weights)
     )
 
 
@@ -248,12 +259,15 @@ class ComposePass:
         pass; None for the base pass.
     mask_positions: token positions whose attention maps form this pass's mask (its LoRA
         concept's words + trigger); empty for the base pass, which takes the remainder.
+    token_weights: the prompt's A1111 emphasis (``(cat:1.2)``), applied to this pass's
+        conditioning by ``engine.encode_passes`` on every host.
     """
 
     prompt: str
     clean_prompt: str
     lora_index: int | None
     mask_positions: tuple[int, ...]
+    token_weights: tuple[float, ...] = ()  # emphasis weight of each token of clean_prompt (BOS excluded)
 
 
 @dataclass(frozen=True)
@@ -283,12 +297,29 @@ def _with_trigger(base: ParsedPrompt, concept: LoraConcept) -> str:
     return base.prompt[:at] + concept.trigger + " " + base.prompt[at:]
 
 
-def plan_concepts(base_prompt: str, concepts: Sequence[LoraConcept], tokenizer) -> ConceptPlan:
+def _check_no_embeddings(prompt: ParsedPrompt, embeddings: Sequence[str], tokenizer) -> None:
+    """Refuse textual-inversion embeddings in a pass prompt: the host swaps their tokens for
+    vectors of its own count, so every later token position (and the plan) would shift.
+    Matched on token ids, as A1111 and Forge find them."""
+    ids = prompt.token_ids
+    for name in embeddings:
+        name_ids = tuple(tokenizer.encode(name, add_special_tokens=False))
+        if name_ids and any(ids[i : i + len(name_ids)] == name_ids for i in range(len(ids) - len(name_ids) + 1)):
+            raise ValueError(
+                f"prompt {prompt.prompt!r} uses the textual-inversion embedding {name!r}, which would shift the "
+                "token positions CLoRA reads; take it out of the prompt (the negative prompt may use embeddings)"
+            )
+
+
+def plan_concepts(
+    base_prompt: str, concepts: Sequence[LoraConcept], tokenizer, embeddings: Sequence[str] = ()
+) -> ConceptPlan:
     """Derive passes, concept groups and mask tokens from the prompts with the tokenizer.
 
     Repeated words: every whole-word occurrence counts (each mention is the same subject);
     matching ignores case and surrounding punctuation. A concept's words must occur in every
-    pass's prompt; two concepts may not claim the same token.
+    pass's prompt; two concepts may not claim the same token. ``embeddings``: the names of the
+    host's textual-inversion embeddings, refused in the prompts.
     """
     if not concepts:
         raise ValueError("CLoRA needs at least one LoRA concept")
@@ -302,6 +333,7 @@ def plan_concepts(base_prompt: str, concepts: Sequence[LoraConcept], tokenizer) 
         else:
             parsed.append(base)
     for prompt in parsed:
+        _check_no_embeddings(prompt, embeddings, tokenizer)
         if len(prompt.token_ids) > MAX_PROMPT_TOKENS:
             raise ValueError(
                 f"prompt {prompt.prompt!r} has {len(prompt.token_ids)} tokens; CLoRA composes "
@@ -341,6 +373,7 @@ def plan_concepts(base_prompt: str, concepts: Sequence[LoraConcept], tokenizer) 
             clean_prompt=prompt.clean,
             lora_index=None if p == 0 else p - 1,
             mask_positions=() if p == 0 else per_pass[p][p - 1],
+            token_weights=prompt.token_weights,
         )
         for p, prompt in enumerate(parsed)
     )

@@ -57,6 +57,18 @@ def _flush_denormals(device: torch.device) -> Iterator[None]:
         torch.set_flush_denormal(False)
 
 
+class NonFiniteError(ValueError):
+    """NaN or Inf where an image is being formed: stop with a message instead of drawing a black image."""
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteError(
+            f"{what} holds NaN or infinite values, so the image would be black: lower the latent update "
+            "step size, the LoRA weights or the prompt's emphasis weights, or check the LoRA files and the checkpoint"
+        )
+
+
 @dataclass(eq=False)
 class PassConditioning:
     """Each pass's cond and uncond conditioning, (B, 77, C) each, encoded with its own LoRAs."""
@@ -107,12 +119,37 @@ def encode_passes(
     prompt encoder (``ModelAccess.encode``); prompts are the plan's clean prompts.
     """
     conds, unconds = [], []
-    for compose_pass, lora_set in zip(plan.passes, lora_sets):
+    for index, (compose_pass, lora_set) in enumerate(zip(plan.passes, lora_sets)):
         with runtime.active(lora_set):
             both = encode([negative_prompt] * batch_size + [compose_pass.clean_prompt] * batch_size)
+        cond = both.select(slice(batch_size, 2 * batch_size))
+        cond.context = apply_emphasis(cond.context, compose_pass.token_weights)
+        check_finite(cond.context, f"the conditioning of pass {index} ({compose_pass.clean_prompt!r})")
         unconds.append(both.select(slice(0, batch_size)))
-        conds.append(both.select(slice(batch_size, 2 * batch_size)))
+        conds.append(cond)
     return PassConditioning(conds, unconds)
+
+
+# SDXL's context is CLIP-L's states (768) next to OpenCLIP-G's (1280); A1111 weights each on its own.
+_ENCODER_WIDTHS = {2048: (768, 1280)}
+
+
+def apply_emphasis(context: torch.Tensor, token_weights: Sequence[float]) -> torch.Tensor:
+    """A1111's "Original" emphasis on (B, T, C) states: token t (BOS at 0) times its weight, then
+    each encoder's states rescaled to their mean before weighting. Unchanged when every weight is 1.
+
+    Why here and not in the host: the passes' prompts reach the text encoders without A1111
+    syntax (the plan's token positions are those of the clean prompt), on every host.
+    """
+    if all(weight == 1.0 for weight in token_weights):
+        return context
+    multipliers = torch.ones(context.shape[1], dtype=context.dtype, device=context.device)
+    multipliers[1 : 1 + len(token_weights)] = torch.tensor(token_weights, dtype=context.dtype)
+    blocks = []
+    for block in context.split(list(_ENCODER_WIDTHS.get(context.shape[-1], (context.shape[-1],))), dim=-1):
+        weighted = block * multipliers[None, :, None]
+        blocks.append(weighted * (block.mean() / weighted.mean()))
+    return torch.cat(blocks, dim=-1)
 
 
 @dataclass
@@ -197,10 +234,12 @@ class ComposeEngine:
             loss, grad = self.loss_and_grad(latent, timestep, conditioning, run_unet)
             latent = (latent - self.settings.step_size * grad.to(latent.dtype)).detach()
             losses.append(loss)
+        check_finite(latent, f"the latent after step {step_index}'s update")
         with torch.no_grad():
             uncond, cond, probs = self._prediction_passes(latent, timestep, conditioning, run_unet)
         masks = self._masks(probs, latent)
         prediction = cfg_combine(fuse(uncond, masks), fuse(cond, masks), self.settings.guidance_scale)
+        check_finite(prediction, f"the model's prediction at step {step_index}")
         return StepResult(latent, prediction, masks, losses)
 
     def loss_and_grad(
@@ -218,6 +257,7 @@ class ComposeEngine:
         return loss.detach(), grad
 
     def _check(self, latent: torch.Tensor, conditioning: PassConditioning) -> None:
+        check_finite(latent, "the latent the sampler passed in")
         if conditioning.num_passes != len(self.plan.passes):
             raise ValueError(f"conditioning has {conditioning.num_passes} passes, the plan has {len(self.plan.passes)}")
         if latent.shape[0] != conditioning.batch_size:

@@ -139,6 +139,7 @@ class ComposeSession:
     lora_paths: LoRA name -> file, from the host's LoRA list.
     prompts / negative_prompts: the batch's rows; CLoRA's plan is per prompt, so all rows
     must share one prompt (seeds may differ).
+    embeddings: the host's textual-inversion embedding names (refused in the prompt).
     """
 
     def __init__(
@@ -150,6 +151,7 @@ class ComposeSession:
         negative_prompts: Sequence[str],
         *,
         read: Callable[[str], LoraFile] = read_lora,
+        embeddings: Sequence[str] = (),
     ):
         if len(set(prompts)) != 1 or len(set(negative_prompts)) != 1:
             raise ValueError(
@@ -167,7 +169,7 @@ class ComposeSession:
             if lora.arch and lora.arch != model.arch:
                 raise ValueError(f"{name} is an {lora.arch} LoRA but the loaded model is {model.arch}")
         concepts = [LoraConcept(row.words.strip(), row.trigger.strip() or None) for row in request.concepts]
-        self.plan = plan_concepts(prompts[0], concepts, model.tokenizer)
+        self.plan = plan_concepts(prompts[0], concepts, model.tokenizer, embeddings)
         style_groups = {len(concepts): request.style_groups()} if request.style else {}
         self.lora_sets = pass_lora_sets(self.plan, style_groups)
         weights = [row.weight for row in request.concepts] + ([request.style_weight] if request.style else [])

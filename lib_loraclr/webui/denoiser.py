@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compose.engine import NonFiniteError
+
 # Sampler functions that evaluate the model once per step on the latent they carry forward:
 # there a latent update written into the sampler's ``x`` is the update CLoRA makes. Second-
 # order and adaptive samplers evaluate at temporary points, where an update would be lost.
@@ -83,8 +85,11 @@ class ComposeDenoiser(ABC):
             )
 
         with self.session.runtime.attached():
-            result = self.engine.step(self.denoiser.step, step_input.latent, step_input.unet_sigma,
-                                      self.session.conditioning, run_unet)
+            try:
+                result = self.engine.step(self.denoiser.step, step_input.latent, step_input.unet_sigma,
+                                          self.session.conditioning, run_unet)
+            except NonFiniteError as error:
+                raise RuntimeError(f"LoRACLR composition: {error}") from error
         updated = result.latent.to(x.dtype)
         x.copy_(updated / step_input.scale if self.kdiffusion else updated)
         prediction = result.prediction.to(x.dtype)

@@ -102,6 +102,22 @@ class WebUIHost:
         denoiser.install()
         return denoiser
 
+    def embedding_names(self) -> list[str]:
+        """Names of the loaded textual-inversion embeddings (CLoRA refuses them in its prompts).
+
+        A1111 keeps them in ``sd_hijack.model_hijack.embedding_db``, Forge in each text
+        processing engine of the model.
+        """
+        from modules import shared
+
+        databases = [getattr(getattr(sys.modules.get("modules.sd_hijack"), "model_hijack", None), "embedding_db", None)]
+        for name in ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g"):
+            databases.append(getattr(getattr(shared.sd_model, name, None), "embeddings", None))
+        names = set()
+        for database in databases:
+            names.update(getattr(database, "word_embeddings", None) or {})
+        return sorted(names)
+
     def lora_arch(self, path: str) -> str | None:
         try:
             return peek_lora(path)["arch"] if path.endswith(".safetensors") else None
