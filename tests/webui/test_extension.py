@@ -272,6 +272,7 @@ def test_rest_merge_poll_cancel_and_bad_names(host):
     from fastapi.testclient import TestClient
 
     demo, _ = host.build_ui()
+    host.shared.cmd_opts.api = True  # our routes follow the host's --api
     client = TestClient(host.app_started(demo))
     names = [row["name"] for row in client.get("/loraclr/v1/loras").json()]
     assert {"cat_lora", "dog_lora"} <= set(names)
