@@ -74,7 +74,8 @@ class Job:
             self.state = "failed"
             self.error = f"{type(error).__name__}: {error}"
             self.log.append(f"failed: {self.error}")
-            self.log.append(traceback.format_exc(limit=3))
+            if not isinstance(error, (ValueError, OSError)):  # not about the input: the traceback helps a bug report
+                self.log.append(traceback.format_exc(limit=3))
         finally:
             self.finished = time.time()
             self._work = None

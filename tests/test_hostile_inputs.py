@@ -279,8 +279,8 @@ def test_merge_refuses_outputs_before_loading_the_model(tmp_path, capsys):
         (["--out", str(tmp_path / "evil\u202egnp.safetensors")], "error: invalid output file name 'evil\\u202egnp.safetensors'"),
         (["--out", str(tmp_path / ("n" * 230 + ".safetensors"))], "error: invalid output file name 'nnnnnnnn"),
         (["--out", str(tmp_path / "m.safetensors"), "--trigger", "", "--trigger", "zqx"],
-         f"error: {a}: the trigger words given for it are empty; give them, or leave the trigger out to read it "
-         "from the LoRA's sidecar or metadata"),
+         f"error: {a}: its trigger words are empty; each LoRA needs the words that call up its concept"),
+        (["--out", str(tmp_path / "m.safetensors"), "--lora", a], f"error: {a} is given twice (as {a}); each LoRA is merged once"),
         (["--out", str(tmp_path / "m.safetensors"), "--weight", "nan", "--weight", "1"],
          "error: LoRA 1 (a.safetensors): weight: must be a finite number"),
         (["--out", str(tmp_path / "m.safetensors"), "--capture-size", "0"],
@@ -340,7 +340,7 @@ def test_empty_trigger_is_an_error_not_replaced_from_the_sidecar(tmp_path):
     paths = [good_lora(tmp_path, "a", "sks cat"), good_lora(tmp_path, "b", "zqx dog")]
     assert [c.trigger for c in load_concepts(paths, None)] == ["sks cat", "zqx dog"]
     assert [c.trigger for c in load_concepts(paths, [None, " wld "])] == ["sks cat", "wld"]
-    with pytest.raises(ValueError, match="the trigger words given for it are empty"):
+    with pytest.raises(ValueError, match="its trigger words are empty"):
         load_concepts(paths, ["  ", "zqx"])
 
 
@@ -482,3 +482,21 @@ def test_engine_refuses_a_black_image(tiny_sd1):
             engine.step(0, latent, torch.tensor(500), conditioning, overflowing_unet)
         with pytest.raises(NonFiniteError, match="the latent the sampler passed in holds NaN"):
             engine.step(1, torch.full_like(latent, math.nan), torch.tensor(500), conditioning, tiny_sd1.unet_eps)
+
+
+def test_a_failed_job_shows_a_traceback_only_for_internal_errors():
+    from lib_loraclr.jobs import JobManager
+
+    jobs = JobManager()
+
+    def bad_input(progress):
+        raise ValueError("the merged delta of layer x is not finite (NaN or Inf): nothing was written")
+
+    def bug(progress):
+        raise RuntimeError("internal")
+
+    status = jobs.wait(jobs.start(bad_input), 30)
+    assert status.state == "failed" and status.error == (
+        "ValueError: the merged delta of layer x is not finite (NaN or Inf): nothing was written")
+    assert not any("Traceback" in line for line in status.log)
+    assert any("Traceback" in line for line in jobs.wait(jobs.start(bug), 30).log)

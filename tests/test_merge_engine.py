@@ -342,7 +342,8 @@ def test_cli_no_report_and_memory_options(base_dir, lora_paths, tmp_path, capsys
     assert main(args + ["--no-report", "--report", str(tmp_path / "r.json")]) == 2
     assert "--no-report" in capsys.readouterr().err and not os.path.exists(out)
     assert main(args + ["--max-memory", "-1"]) == 2
-    assert "max_memory_gb" in capsys.readouterr().err and not os.path.exists(out)
+    assert capsys.readouterr().err == "error: --max-memory: ensure this value is greater than 0\n"
+    assert not os.path.exists(out)
     assert main(args + ["--no-report", "--max-memory", "0.5"]) == 0
     printed = capsys.readouterr().out
     assert "retention" not in printed and "wrote" in printed

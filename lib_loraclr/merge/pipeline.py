@@ -142,14 +142,18 @@ def load_concepts(
         raise ValueError(f"{len(paths)} LoRAs but {len(triggers)} triggers: give one --trigger per --lora")
     if weights and len(weights) != len(paths):
         raise ValueError(f"{len(paths)} LoRAs but {len(weights)} weights: give one --weight per --lora")
+    seen = {}
+    for path in paths:
+        if os.path.realpath(path) in seen:
+            raise ValueError(f"{path} is given twice (as {seen[os.path.realpath(path)]}); each LoRA is merged once")
+        seen[os.path.realpath(path)] = path
     specs = []
     for index, path in enumerate(paths):
         trigger = triggers[index] if triggers else None
         if isinstance(trigger, str):
             trigger = trigger.strip()
             if not trigger:
-                raise ValueError(f"{path}: the trigger words given for it are empty; give them, or leave the "
-                                 "trigger out to read it from the LoRA's sidecar or metadata")
+                raise ValueError(f"{path}: its trigger words are empty; each LoRA needs the words that call up its concept")
         try:
             specs.append(ConceptInput(path, trigger, weights[index] if weights else 1.0))
         except InputError as error:
