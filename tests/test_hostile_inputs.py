@@ -453,6 +453,8 @@ def test_emphasis_that_splits_a_word_and_embeddings_are_refused(tiny_sd1):
     with pytest.raises(ValueError, match="uses the textual-inversion embedding 'mystyle'"):
         plan_concepts("a cat in mystyle", [LoraConcept("cat")], tiny_sd1.tokenizer, embeddings=["mystyle"])
     assert plan_concepts("a cat in oil", [LoraConcept("cat")], tiny_sd1.tokenizer, embeddings=["mystyle"])
+    with pytest.raises(ValueError, match="the prompt has 1000003 characters"):
+        parse_prompt("cat" + "(" * 10**6, tiny_sd1.tokenizer)
 
 
 def test_non_finite_latent_or_prediction_stops_with_a_message():

@@ -28,6 +28,7 @@ from typing import Sequence
 import regex
 
 MAX_PROMPT_TOKENS = 75  # 77 minus BOS and EOS
+MAX_PROMPT_CHARS = 20_000  # far beyond 75 tokens even with many <lora:...> tags: refused before tokenizing
 
 # A1111 modules/extra_networks.py: <lora:name:0.8>, <hypernet:name:1>, ...
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
@@ -195,6 +196,9 @@ def parse_prompt(prompt: str, tokenizer) -> ParsedPrompt:
 
     Positions assume the prompt fits one 77-token window (checked by ``plan_concepts``).
     """
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"the prompt has {len(prompt)} characters; CLoRA composes within one 77-token window "
+                         f"({MAX_PROMPT_TOKENS} prompt tokens)")
     clean_parts: list[str] = []
     token_ids: list[int] = []
     token_weights: list[float] = []
