@@ -23,6 +23,7 @@ from lib_loraclr.compose.fusion import (
 )
 from lib_loraclr.compose.loss import contrastive_attention_loss, gather_token_maps
 from lib_loraclr.compose.settings import ComposeSettings
+from lib_loraclr.validation import from_mapping
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "lib_loraclr" / "assets" / "clip_tokenizer"
 
@@ -62,9 +63,9 @@ def test_settings_reject_bad_values_and_unknown_keys():
         ComposeSettings(temperature=0)
     with pytest.raises(ValueError, match="mask_threshold"):
         ComposeSettings(mask_threshold=1.5)
-    with pytest.raises(ValueError, match="stepsize"):
-        ComposeSettings.from_mapping({"stepsize": 1.0})
-    assert ComposeSettings.from_mapping({"step_size": 5.0}).step_size == 5.0
+    with pytest.raises(ValueError, match="stepsize: unknown setting"):
+        from_mapping(ComposeSettings, {"stepsize": 1.0})
+    assert from_mapping(ComposeSettings, {"step_size": 5.0}).step_size == 5.0
 
 
 # ---------------------------------------------------------------- concepts

@@ -8,10 +8,9 @@ a 50-step schedule and are rescaled to the step count actually sampled.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Tuple
 
-from ..validation import StrictBool, checked, from_mapping, integer, real
+from ..validation import StrictBool, checked, integer, real
 
 
 # Upper bounds keep a typo from making a generation endless or its latent overflow.
@@ -51,11 +50,6 @@ class ComposeSettings:
     use_latent_update: StrictBool = True
     use_masks: StrictBool = True
     guidance_scale: real(ge=0, le=100) = 7.5
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, object]) -> "ComposeSettings":
-        """Build from a dict (API payload, infotext); unknown keys are an error, not ignored."""
-        return from_mapping(cls, values)
 
     def _scaled(self, step: int, num_steps: int) -> int:
         # Round half up: 30 of 50 -> 12 of 20, 10 of 50 -> 5 of 25.
