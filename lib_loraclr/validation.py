@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from collections.abc import Mapping
 
 try:
@@ -37,7 +38,8 @@ class InputError(ValueError):
 
     def renamed(self, names: Mapping[str, str], what: str | None = None) -> "InputError":
         """The same problems with field paths renamed (e.g. to CLI option names), under ``what`` if given."""
-        return InputError(self.what if what is None else what, [(names.get(path, path), message) for path, message in self.problems])
+        problems = [(names.get(path, path), message) for path, message in self.problems]
+        return InputError(self.what if what is None else what, problems)
 
 
 class _Real(pydantic.ConstrainedFloat):
@@ -48,7 +50,7 @@ class _Real(pydantic.ConstrainedFloat):
 
     @classmethod
     def _finite_number(cls, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars too
             raise TypeError("must be a number")
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
@@ -113,7 +115,6 @@ def _flatten(errors, prefix: tuple = ()) -> list[tuple[str, str]]:
 
 class _Config:
     extra = pydantic.Extra.forbid
-    arbitrary_types_allowed = False
 
 
 def checked(cls=None, *, frozen: bool = False, what: str | None = None, unknown: str = "key"):

@@ -14,7 +14,7 @@ import os
 
 import pytest
 import torch
-from lora_fixtures import SD1_RESNET_CONV, SD1_SELF_ATTN_Q, lora_factors, write_file, write_kohya_file
+from lora_fixtures import SD1_SELF_ATTN_Q, lora_factors, write_file, write_kohya_file
 
 from lib_loraclr.cli import main
 from lib_loraclr.compose.concepts import LoraConcept, parse_prompt, plan_concepts

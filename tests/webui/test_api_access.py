@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from test_extension import HOSTS, PROMPT, compose_args, host, webui  # noqa: F401  (fixtures)
+from test_extension import PROMPT, compose_args, host, webui  # noqa: F401  (host and webui are fixtures)
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
