@@ -280,7 +280,6 @@ def test_merge_refuses_outputs_before_loading_the_model(tmp_path, capsys):
         (["--out", str(tmp_path / ("n" * 230 + ".safetensors"))], "error: invalid output file name 'nnnnnnnn"),
         (["--out", str(tmp_path / "m.safetensors"), "--trigger", "", "--trigger", "zqx"],
          f"error: {a}: its trigger words are empty; each LoRA needs the words that call up its concept"),
-        (["--out", str(tmp_path / "m.safetensors"), "--lora", a], f"error: {a} is given twice (as {a}); each LoRA is merged once"),
         (["--out", str(tmp_path / "m.safetensors"), "--weight", "nan", "--weight", "1"],
          "error: LoRA 1 (a.safetensors): weight: must be a finite number"),
         (["--out", str(tmp_path / "m.safetensors"), "--capture-size", "0"],

@@ -142,11 +142,6 @@ def load_concepts(
         raise ValueError(f"{len(paths)} LoRAs but {len(triggers)} triggers: give one --trigger per --lora")
     if weights and len(weights) != len(paths):
         raise ValueError(f"{len(paths)} LoRAs but {len(weights)} weights: give one --weight per --lora")
-    seen = {}
-    for path in paths:
-        if os.path.realpath(path) in seen:
-            raise ValueError(f"{path} is given twice (as {seen[os.path.realpath(path)]}); each LoRA is merged once")
-        seen[os.path.realpath(path)] = path
     specs = []
     for index, path in enumerate(paths):
         trigger = triggers[index] if triggers else None
