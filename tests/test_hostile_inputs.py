@@ -59,9 +59,9 @@ def cli(capsys, *args) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"capture_size": 0}, "merge settings: capture_size: ensure this value is greater than or equal to 64"),
+    ({"capture_size": 0}, "merge settings: capture_size: ensure this value is greater than or equal to 8"),
     ({"capture_size": 10**6}, "merge settings: capture_size: ensure this value is less than or equal to 2048"),
-    ({"capture_size": -5}, "merge settings: capture_size: ensure this value is greater than or equal to 64"),
+    ({"capture_size": -5}, "merge settings: capture_size: ensure this value is greater than or equal to 8"),
     ({"iters": 10**9}, "merge settings: iters: ensure this value is less than or equal to 10000"),
     ({"iters": 50.0}, "merge settings: iters: value is not a valid integer"),
     ({"report": "false"}, "merge settings: report: value is not a valid boolean"),
@@ -283,7 +283,7 @@ def test_merge_refuses_outputs_before_loading_the_model(tmp_path, capsys):
         (["--out", str(tmp_path / "m.safetensors"), "--weight", "nan", "--weight", "1"],
          "error: LoRA 1 (a.safetensors): weight: must be a finite number"),
         (["--out", str(tmp_path / "m.safetensors"), "--capture-size", "0"],
-         "error: --capture-size: ensure this value is greater than or equal to 64"),
+         "error: --capture-size: ensure this value is greater than or equal to 8"),
         (["--out", str(tmp_path / "m.safetensors"), "--iters", "1000000000"],
          "error: --iters: ensure this value is less than or equal to 10000"),
         (["--out", str(tmp_path / "m.safetensors"), "--max-memory", "inf"], "error: --max-memory: must be a finite number"),

@@ -60,7 +60,7 @@ class MergeSettings:
     max_rank: Rank = 128
     clamp_quantile: Optional[real(gt=0, le=1)] = 0.99  # kohya svd_merge_lora's outlier clamp of the written factors
     capture_steps: integer(ge=1, le=200) = 20
-    capture_size: Optional[integer(ge=64, le=2048, multiple_of=8)] = None  # None = the model family's native size
+    capture_size: Optional[integer(ge=8, le=2048, multiple_of=8)] = None  # None = the model family's native size
     seed: Seed = 0
     report: StrictBool = True  # measure the quality report (a second, streaming capture pass)
     max_memory_gb: Optional[real(gt=0, le=1e4)] = None  # budget of the merge's statistics; None = from the machine or GPU
