@@ -1,4 +1,5 @@
-"""Our REST routes under the host's own access rules, and hostile merge requests through them.
+"""Hostile use of our WebUI side: REST routes under the host's own access rules, hostile merge
+requests through them, bad composition arguments and embeddings in the prompt.
 
 Runs on both stand-ins wherever FastAPI is installed (the hosts' pinned envs, see .ci/run).
 """
@@ -92,3 +93,25 @@ def test_composition_enabled_as_a_string_stops_the_generation(host):
     with pytest.raises(RuntimeError, match=r"LoRACLR composition: composition request: concepts.0.weight: must be a finite"):
         host.run(host.make_txt2img(PROMPT, seed=1, steps=1, script_args=compose_args(
             host, concepts=[{"lora": "cat_lora", "words": "cat", "weight": math.nan}])))
+
+
+def register_embedding(name):
+    """A textual-inversion embedding where each host keeps them (A1111: model_hijack; Forge: its text engine)."""
+    import types
+
+    from modules import sd_hijack, shared
+
+    engine = getattr(shared.sd_model, "text_processing_engine", None)
+    if engine is not None:
+        engine.embeddings.word_embeddings[name] = object()
+    else:
+        sd_hijack.model_hijack.embedding_db = types.SimpleNamespace(word_embeddings={name: object()})
+
+
+def test_embeddings_in_the_prompt_are_refused_and_allowed_in_the_negative(host):
+    register_embedding("mystyle")
+    with pytest.raises(RuntimeError, match="LoRACLR composition: prompt 'a cat and a dog in mystyle' uses the "
+                                           "textual-inversion embedding 'mystyle'"):
+        host.run(host.make_txt2img(PROMPT + " in mystyle", seed=1, steps=1, script_args=compose_args(host)))
+    composed = host.txt2img(PROMPT, "mystyle", seed=1, steps=1, script_args=compose_args(host))
+    assert composed.images and "LoRACLR" in composed.info
