@@ -324,6 +324,8 @@ class LoraclrMerge:
 
     def _solve(self, target, module, collector: StatsCollector, factors):
         method = self.settings.method
+        reference = method == "loraclr" and self.settings.solver == "reference"
+        check_finite(target, collector.raw(target) if reference else [collector.stats[target].target_inner])
         if method == "lsq":
             return solve_lsq(collector.stats[target], factors, self.settings)
         if self.settings.solver == "reference":
@@ -341,6 +343,7 @@ class LoraclrMerge:
             self.capture(stage, collector, f"exact pass {number}/{len(passes)} for {len(group)} layers near the margin")
             for target, module in group.items():
                 self.progress.update(stage, 1, 1, target, f"refining {target}")
+                check_finite(target, [collector.stats[target].target_inner])
                 self._hand_over(target, module, *solve_fast(collector.stats[target], factors[target], self.settings), writer)
                 collector.close_target(target)
 
@@ -371,7 +374,9 @@ class LoraclrMerge:
         return [PROMPT_TEMPLATE.format(c.trigger.strip()) for c in self.concepts]
 
     def capture_size(self) -> int:
-        return self.settings.capture_size or (1024 if self.model.arch == "sdxl" else 512)
+        if self.settings.capture_size is not None:
+            return self.settings.capture_size
+        return 1024 if self.model.arch == "sdxl" else 512
 
     def capture(self, stage: str, hooks: LayerHooks, label: str, progress_stage: str | None = None):
         {"text_encoder": self.capture_text_encoder, "cross_kv": self.capture_cross_kv, "unet": self.capture_unet}[
@@ -459,6 +464,13 @@ class LoraclrMerge:
                         )
         finally:
             hooks.start_batch(range(self.n))
+
+
+def check_finite(target: str, features: list[torch.Tensor]) -> None:
+    """Non-finite features (a broken base model or LoRA) would end in a linear-algebra traceback: refuse by name."""
+    if not all(bool(torch.isfinite(t).all()) for t in features):
+        raise MergeInputError(f"{target}: the captured layer features are not finite (NaN or Inf): "
+                              "the base model or a LoRA gives non-finite activations there")
 
 
 def budget_text(nbytes: int) -> str:
