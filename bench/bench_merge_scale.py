@@ -261,10 +261,11 @@ def merge_argv(args, folder, loras, triggers, work, n, report, flags) -> list[st
 
 def run_merge(argv, kill_above, timeout, report_path=None) -> dict:
     run = MeteredRun(argv, kill_above, timeout, child_env()).run()
-    run["seconds"] = None
+    run["seconds"] = run["memory"] = None
     if run["rc"] == 0 and report_path and os.path.isfile(report_path):
         with open(report_path, encoding="utf-8") as f:
-            run["seconds"] = json.load(f).get("seconds")
+            summary = json.load(f)
+        run["seconds"], run["memory"] = summary.get("seconds"), summary.get("memory")
     return run
 
 
@@ -301,6 +302,11 @@ def print_run_detail(label, run):
     print("      peak RSS by stage (GiB): " + ", ".join(f"{s} {gib(run['stage_peaks'][s]):.2f}" for s in order))
     if run.get("seconds"):
         print("      report seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in run["seconds"].items()))
+    if run.get("memory"):
+        memory = run["memory"]
+        print(f"      memory plan: budget {gib(memory['budget_bytes']):.2f} GiB, capture passes {memory['passes']}, "
+              f"concept batches per pass {memory.get('batches', {})}, statistics peak "
+              f"{gib(memory['peak_statistics_bytes']):.2f} GiB")
 
 
 def bench_arch(args, arch, counts, flags, kill_above, log) -> dict:

@@ -141,6 +141,9 @@ def cmd_merge(args) -> int:
     passes = {stage: n for stage, n in summary["memory"]["passes"].items() if n > 1}
     if passes:
         print(f"statistics captured in several passes to stay within the memory budget: {passes}")
+    batches = {stage: n for stage, n in summary["memory"]["batches"].items() if n > 1}
+    if batches:
+        print(f"concepts sampled in several batches per pass to stay within the memory budget: {batches}")
     print(f"wrote {summary['output']} ({summary['layers']} layers, method {summary['method']})")
     return 0
 

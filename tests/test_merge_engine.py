@@ -14,9 +14,10 @@ from lib_loraclr.demo import concept_deltas
 from lib_loraclr.hosts.diffusers import load_base
 from lib_loraclr.jobs import JobManager
 from lib_loraclr.lora.reader import read_lora
-from lib_loraclr.lora.writer import write_kohya_lora, write_sidecar
+from lib_loraclr.lora.writer import KohyaWriter, write_kohya_lora, write_sidecar
 from lib_loraclr.merge.capture import StatsCollector, layer_matrix
 from lib_loraclr.merge.engine import LoraclrMerge, MergeInputError
+from lib_loraclr.merge.memory import activation_bytes
 from lib_loraclr.merge.objective import MergeSettings, exact_loss
 from lib_loraclr.merge.pipeline import load_concepts, merge_to_file
 from lib_loraclr.merge.progress import MergeCancelled, Progress
@@ -279,15 +280,55 @@ def test_memory_budget_splits_capture_into_passes_with_the_same_result(model, lo
     one = merge_to_file(model, concepts, settings, str(tmp_path / "one.safetensors"))
     messages = []
     progress = Progress(lambda state: messages.append(state.message))
-    tight = MergeSettings(capture_size=SIZE, capture_steps=3, report=False, max_memory_gb=0.0001)
+    probe = LoraclrMerge(model, concepts, settings)
+    per_concept = activation_bytes(probe.targets_of("unet"), probe._row_counts("unet")[0])
+    budget_gb = 2.5 * len(concepts) * per_concept / 2 ** 30  # one batch of every concept, statistics in passes
+    tight = MergeSettings(capture_size=SIZE, capture_steps=3, report=False, max_memory_gb=budget_gb)
     several = merge_to_file(model, concepts, tight, str(tmp_path / "several.safetensors"), progress=progress)
     assert one["memory"]["passes"]["unet"] == 1 and several["memory"]["passes"]["unet"] > 2
+    assert several["memory"]["batches"]["unet"] == 1, "every concept still in one batch: identical features"
     assert any("capturing in" in m and "passes" in m for m in messages), "the progress says why it samples again"
     assert several["memory"]["peak_statistics_bytes"] < one["memory"]["peak_statistics_bytes"]
     first, second = _written_deltas(str(tmp_path / "one.safetensors")), _written_deltas(str(tmp_path / "several.safetensors"))
     assert first.keys() == second.keys()
     for target in first:
         assert rel_err(second[target], first[target]) < 1e-4, target
+
+
+def test_unet_concepts_sampled_in_micro_batches_when_one_batch_exceeds_the_budget(model, lora_paths):
+    """A budget below one batch's activations: the concepts sample in turn; same optimum, same report."""
+    concepts = load_concepts(lora_paths, None)
+    settings = MergeSettings(capture_size=SIZE, capture_steps=2)
+    probe = LoraclrMerge(model, concepts, settings)
+    per_concept = activation_bytes(probe.targets_of("unet"), probe._row_counts("unet")[0])
+    budget_gb = 2.5 * per_concept / 2 ** 30  # half of it holds one concept's activations, not two
+    tight = MergeSettings(capture_size=SIZE, capture_steps=2, max_memory_gb=budget_gb)
+    messages = []
+    runs = {}
+    for name, chosen, progress in (("one", settings, None),
+                                   ("several", tight, Progress(lambda state: messages.append(state.message)))):
+        merge = LoraclrMerge(model, concepts, chosen, progress)
+        writer = KohyaWriter(model.arch, dtype=torch.float32)
+        result = merge.run(writer)
+        writer.seal()
+        runs[name] = (merge.concept_batches("unet"), result, merge.measure(writer))
+    assert runs["one"][0] == [range(3)] and runs["several"][0] == [range(0, 1), range(1, 2), range(2, 3)]
+    assert runs["several"][1].batches["unet"] == 3
+    assert any("sampling them in 3 batches" in m for m in messages), "the progress says why"
+    assert any("concepts 3-3 of 3" in m for m in messages), "the progress says which batch samples"
+    one, several = runs["one"][1].layer_info, runs["several"][1].layer_info
+    assert one.keys() == several.keys()
+    for target, info in one.items():
+        assert info["hinge_certified"] == several[target]["hinge_certified"], target
+        loss, batched_loss = info["surrogate_loss"], several[target]["surrogate_loss"]
+        # a batch of 1 rounds the features differently from a batch of 3 (~2e-6 relative)
+        assert abs(batched_loss - loss) <= 1e-4 * abs(loss), target
+    for method, figures in runs["one"][2].items():
+        for concept, groups in figures.items():
+            for group, values in groups.items():
+                for key, value in values.items():
+                    batched = runs["several"][2][method][concept][group][key]
+                    assert abs(batched - value) < 1e-3, (method, concept, group, key)
 
 
 def rel_err(a, b):
@@ -349,3 +390,16 @@ def test_cli_no_report_and_memory_options(base_dir, lora_paths, tmp_path, capsys
     assert "retention" not in printed and "wrote" in printed
     metadata = safe_open(out, "pt").metadata()
     assert "loraclr_quality" not in metadata and json.loads(metadata["loraclr_settings"])["max_memory_gb"] == 0.5
+
+
+def test_non_finite_model_features_are_refused_by_layer_name(base_dir, lora_paths, tmp_path):
+    """A base model whose activations turn NaN: one clear error naming a layer, no file, no linear-algebra traceback."""
+    broken = load_base(base_dir)
+    layer = dict(broken.targets())["unet.down_blocks.0.attentions.0.proj_in"]
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    concepts = load_concepts(lora_paths[:2], None)
+    out = tmp_path / "never.safetensors"
+    with pytest.raises(MergeInputError, match=r"^unet\..*: the captured layer features are not finite"):
+        merge_to_file(broken, concepts, MergeSettings(capture_size=SIZE, capture_steps=1, report=False), str(out))
+    assert not out.exists()

@@ -107,3 +107,65 @@ def test_statistics_memory_does_not_grow_with_rows_and_grows_with_concepts_only_
     eight, width_eight = held(8, 50)
     assert width_eight == d_in + 8 * rank  # the LoRA columns only: nothing of size D_in^2 per concept
     assert eight <= 4 * (width_eight * width_eight + width_eight * d_in)
+
+
+BATCHES = [range(0, 2), range(2, 3), range(3, 5)]  # concepts 0-1, 2 and 3-4 never in one batch
+
+
+def _true_distances(predictions, targets):
+    """(N, N) ||P_i - Y_j|| from whole feature blocks (N, R, D_out)."""
+    return torch.cdist(predictions.flatten(1), targets.flatten(1))
+
+
+def test_micro_batched_statistics_equal_one_batch_and_bound_the_pairs_never_batched():
+    """Concepts fed in micro-batches: the same factor and in-batch distances, sound bounds across batches."""
+    base, inputs, factors = ill_conditioned(7, 1e-2, d_in=24, d_out=16, rows=200, n=5)
+    factors = [LowRank(0.3 * f.up, f.down) for f in factors]  # deltas the merge can fit: a certified hinge
+    one = TargetStats.from_features(base.float(), inputs, factors, chunk_rows=50)
+    batched = TargetStats.from_features(base.float(), inputs, factors, chunk_rows=50, batches=BATCHES)
+    assert one.rows == batched.rows == 200
+    gram_one, gram_batched = (s.inputs.factor("layer") for s in (one, batched))
+    gram_one, gram_batched = gram_one.T @ gram_one, gram_batched.T @ gram_batched
+    assert float((gram_batched - gram_one).norm() / gram_one.norm()) < 1e-6
+
+    stacked = torch.stack(inputs)  # (N, R, D_in) float64
+    targets = torch.stack([x @ (base + f.dense()).T for x, f in zip(inputs, factors)])
+    true = _true_distances(targets, targets)
+    together = batched.pairs.together
+    assert int(together.sum()) == 4 + 1 + 4
+    distances = batched.target_distances()
+    torch.testing.assert_close(distances[together], true[together], rtol=1e-5, atol=1e-6)
+    across = ~together
+    assert bool((distances[across] <= true[across] * (1 + 1e-6)).all())
+    assert bool((distances[across] > 0).all()), "the sampled rows give a real bound, not 0"
+
+    # for any merged weight, the sample bounds never exceed the true ||Yhat_i - Y_j||
+    g = torch.Generator().manual_seed(3)
+    for scale in (0.0, 0.1, 3.0):
+        weight = base + scale * torch.randn(base.shape, generator=g, dtype=torch.float64)
+        bounds = batched.pairs.prediction_bounds(weight)
+        exact = _true_distances(stacked @ weight.T, targets)
+        assert bool((bounds[across] <= exact[across] * (1 + 1e-6)).all())
+        assert bool((bounds[together] == 0).all())
+
+    settings = MergeSettings()
+    merged_one, info_one = solve_fast(one, factors, settings)
+    merged_batched, info_batched = solve_fast(batched, factors, settings)
+    assert info_one["hinge_certified"] and info_batched["hinge_certified"]
+    deltas = [f.dense() for f in factors]  # the same optimum (flat directions aside: compare the loss)
+    loss_one, loss_batched = (float(exact_loss(m.dense().double(), base, inputs, deltas, settings))
+                              for m in (merged_one, merged_batched))
+    assert abs(loss_batched - loss_one) <= 1e-8 * loss_one
+
+
+def test_micro_batched_exact_statistics_equal_one_batch_within_batches():
+    base, inputs, factors = ill_conditioned(8, 1e-2, d_in=12, d_out=10, rows=60, n=5)
+    deltas = [f.dense() for f in factors]
+    one = LayerStats.from_features(base, inputs, deltas, chunk_rows=20)
+    batched = LayerStats.from_features(base, inputs, deltas, chunk_rows=20, batches=BATCHES)
+    assert one.rows == batched.rows == 60
+    for i in range(5):
+        torch.testing.assert_close(batched.gram(i), one.gram(i), rtol=1e-10, atol=1e-10)
+    together = batched.pairs.together
+    torch.testing.assert_close(batched.target_inner[together], one.target_inner[together], rtol=1e-10, atol=1e-10)
+    assert bool((batched.target_distances()[~together] <= one.target_distances()[~together] * (1 + 1e-9)).all())

@@ -3,8 +3,11 @@
 Running the concepts in lockstep keeps their feature rows aligned (same prompt template,
 same token slots, same sampling step), which is what the loss compares, and lets the
 collector accumulate the cross-concept inner products <Y_i, Y_j> that per-concept
-statistics cannot give. Capture is seeded, so a second pass over other layers (or for the
-report) sees identical features.
+statistics cannot give. When one batch of every concept would not fit the memory budget,
+the concepts run in micro-batches (``start_batch``): the rows stay aligned (a concept's
+features do not depend on its batch-mates), the statistics are per concept anyway, and the
+pairs never batched together get bounds from a few sampled rows (``PairSample``). Capture is
+seeded, so a second pass over other layers (or for the report) sees identical features.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..lora.lowrank import LowRank
-from .stats import InputStats, LayerStats, TargetStats
+from .stats import SAMPLE_ROWS, InputStats, LayerStats, TargetStats
 
 # Siblings that read one tensor: self-attention q/k/v (UNet attn1, CLIP), cross-attention k/v.
 _SHARED_INPUT = (
@@ -55,17 +58,6 @@ def input_rows(module: nn.Module, layer_input: torch.Tensor) -> torch.Tensor:
     return layer_input.reshape(layer_input.shape[0], -1, layer_input.shape[-1])
 
 
-def output_rows(module: nn.Module, layer_output: torch.Tensor) -> torch.Tensor:
-    """Layer output without its bias, as (B, R, D_out) rows matching ``input_rows``."""
-    if isinstance(module, nn.Conv2d):
-        if module.bias is not None:
-            layer_output = layer_output - module.bias.view(1, -1, 1, 1)
-        return layer_output.flatten(2).transpose(1, 2)
-    if module.bias is not None:
-        layer_output = layer_output - module.bias
-    return layer_output.reshape(layer_output.shape[0], -1, layer_output.shape[-1])
-
-
 def concept_blocks(rows: torch.Tensor, n_concepts: int, name: str) -> torch.Tensor:
     """(B, R, D) batch rows -> (N, B/N * R, D): concept i owns batch rows [i*B/N, (i+1)*B/N)."""
     if rows.shape[0] % n_concepts:
@@ -79,28 +71,45 @@ class LayerHooks:
     Register it after the LoRA runtime's hooks so the observed output is the concept's
     LoRA-applied output Y_i. The output is passed as it came: copying a wide layer's batch
     output (bias removed, rows laid out) would double the capture's largest activation.
+    ``concepts`` are the concepts of the batch now running, in row-block order (all N unless
+    the capture runs in micro-batches); ``calls`` counts each target's calls in that batch.
     """
 
     def __init__(self, targets: dict[str, nn.Module], n_concepts: int):
         self.targets = targets
         self.n_concepts = n_concepts
+        self.concepts = range(n_concepts)
+        self.calls: dict[str, int] = {}
         self._handles = []
 
+    def start_batch(self, concepts: range) -> None:
+        """The forwards that follow run these concepts only."""
+        self.concepts = concepts
+        self.calls.clear()
+
+    @property
+    def micro_batched(self) -> bool:
+        return len(self.concepts) < self.n_concepts
+
     def observe(self, name: str, module: nn.Module, x: torch.Tensor, output: torch.Tensor, source: torch.Tensor) -> None:
-        """x: (N, R, D_in) fp32 concept blocks; output: the layer's own output, as it came (bias included)."""
+        """x: (m, R, D_in) fp32 blocks of ``concepts``; output: the layer's own output, as it came (bias included)."""
         raise NotImplementedError
 
-    def target_rows(self, name: str, module: nn.Module, output: torch.Tensor) -> torch.Tensor:
-        """(N, R, D_out) fp32 bias-free concept blocks of an output (a copy: only where needed)."""
-        return concept_blocks(output_rows(module, output).float(), self.n_concepts, name)
+    def target_rows(self, name: str, module: nn.Module, output: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """(m, R, D_out) fp32 bias-free blocks of an output, or their first ``rows`` (a copy: only where needed)."""
+        laid_out = output.flatten(2).transpose(1, 2) if isinstance(module, nn.Conv2d) else output
+        blocks = concept_blocks(laid_out.reshape(laid_out.shape[0], -1, laid_out.shape[-1]), len(self.concepts), name)
+        blocks = blocks[:, :rows].float()
+        return blocks - module.bias.detach().float() if module.bias is not None else blocks
 
     def _hook(self, name: str):
         def hook(module, args, output):
             # Forge runs its text encoder under inference_mode: the statistics must stay
             # ordinary tensors, or their in-place accumulation fails outside it.
             with torch.inference_mode(False), torch.no_grad():
-                x = concept_blocks(input_rows(module, args[0].detach()).float(), self.n_concepts, name)
+                x = concept_blocks(input_rows(module, args[0].detach()).float(), len(self.concepts), name)
                 self.observe(name, module, x, output.detach(), args[0])
+            self.calls[name] = self.calls.get(name, 0) + 1
 
         return hook
 
@@ -153,21 +162,26 @@ class StatsCollector(LayerHooks):
                 self.stats[name] = LayerStats(layer_matrix(module).to(device or weight.device), n_concepts)
 
     def nbytes(self) -> int:
-        return sum(inputs.nbytes() for inputs in self._inputs.values())
+        samples = sum(s.pairs.sample.nbytes() for s in self.stats.values() if s.pairs.sample is not None)
+        return samples + sum(inputs.nbytes() for inputs in self._inputs.values())
 
     def observe(self, name, module, x, output, source):
         if self.mode == "raw":
+            if self.micro_batched:
+                raise RuntimeError("the reference solver's raw rows need every concept in one batch")
             self.raw_inputs[name].append(x.cpu())
             return
         stats = self.stats[name]
+        if self.micro_batched and not self.calls.get(name):  # the batch's first call here
+            stats.pairs.keep_sample(self.concepts, x, self.target_rows(name, module, output, SAMPLE_ROWS))
         if self.mode == "exact":
-            stats.add(list(x), list(self.target_rows(name, module, output)))
+            stats.add(list(x), list(self.target_rows(name, module, output)), self.concepts)
             return
         key = input_key(name)
         source_key = (source.data_ptr(), tuple(source.shape))
         current, seen = self._round.get(key, (None, self._members[key]))
         if seen >= self._members[key]:  # every sibling has seen the last input: a new one starts
-            self._inputs[key].add(x)
+            self._inputs[key].add(x, self.concepts)
             self._round[key] = (source_key, {name})
         elif source_key == current and name not in seen:
             seen.add(name)
@@ -175,7 +189,7 @@ class StatsCollector(LayerHooks):
             raise RuntimeError(
                 f"{name} does not read the same input as {sorted(seen)}; their statistics cannot be shared"
             )
-        stats.add_targets(output)
+        stats.add_targets(output, self.concepts)
 
     def raw(self, name: str) -> list[torch.Tensor]:
         """Concept i's raw input rows (R, D_in), every captured chunk."""

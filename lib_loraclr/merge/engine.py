@@ -12,7 +12,8 @@ nothing.
 
 Memory: the LoRAs stay factors; statistics are streamed per distinct layer input, each
 layer is solved, handed to the writer and freed; a stage whose statistics exceed the budget
-is captured in several seeded passes, one per group of layers (``memory``).
+is captured in several seeded passes, one per group of layers, and a UNet batch of every
+concept too large for the budget is sampled in micro-batches of concepts (``memory``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,16 @@ from ..model import ModelAccess
 from ..runtime import LoraRuntime, shapes_fit
 from ..sampling import sample
 from .capture import LayerHooks, StatsCollector, layer_matrix
-from .memory import GIB, InputCost, budget_bytes, exact_bytes, plan_passes, stream_costs
+from .memory import (
+    GIB,
+    InputCost,
+    activation_bytes,
+    budget_bytes,
+    concept_batches,
+    exact_bytes,
+    plan_passes,
+    stream_costs,
+)
 from .objective import MergeSettings
 from .progress import Progress
 from .report import ReportCollector, quality
@@ -59,6 +69,7 @@ class MergeResult:
     layer_info: dict[str, dict] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     passes: dict[str, int] = field(default_factory=dict)  # capture passes per stage
+    batches: dict[str, int] = field(default_factory=dict)  # concept batches per capture pass
     budget_bytes: int = 0
     peak_stats_bytes: int = 0  # the most the statistics held at once
 
@@ -169,6 +180,7 @@ class LoraclrMerge:
         self.budget = budget_bytes(settings.max_memory_gb, self.device)
         self.result = MergeResult({t: stage_of_target(t) for t in self.targets}, budget_bytes=self.budget)
         self._stats_bytes = 0
+        self._probes: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
 
     def targets_of(self, stage: str) -> dict[str, torch.nn.Module]:
         return {t: m for t, m in self.targets.items() if stage_of_target(t) == stage}
@@ -207,8 +219,13 @@ class LoraclrMerge:
         seconds["solve"] = seconds.get("solve", 0.0) + info.get("seconds", 0.0) + time.perf_counter() - started
         self.result.layer_info[target] = info
 
-    def _row_counts(self, stage: str, targets) -> tuple[dict[str, int], dict[str, int]]:
+    def _row_counts(self, stage: str) -> tuple[dict[str, int], dict[str, int]]:
         """Rows per concept each target sees in one forward, and over the whole capture (one cheap probe)."""
+        if stage not in self._probes:
+            self._probes[stage] = self._probe(stage, self.targets_of(stage))
+        return self._probes[stage]
+
+    def _probe(self, stage: str, targets) -> tuple[dict[str, int], dict[str, int]]:
         if stage == "cross_kv":
             rows = self._cross_kv_rows().shape[1]
             return dict.fromkeys(targets, rows), dict.fromkeys(targets, rows)
@@ -223,16 +240,22 @@ class LoraclrMerge:
             self.model.unet_eps(latent, torch.tensor([999], device=self.device), self.model.encode(prompt))
         return counter.rows, {t: r * self.settings.capture_steps for t, r in counter.rows.items()}
 
-    def _statistics_budget(self, targets: dict, rows_per_forward: dict[str, int]) -> int:
+    def concept_batches(self, stage: str) -> list[range]:
+        """The concepts of each forward of a capture: all at once, or UNet micro-batches the budget allows."""
+        if stage != "unet":
+            return [range(self.n)]
+        rows_per_forward, _ = self._row_counts(stage)
+        return concept_batches(self.n, activation_bytes(self.targets_of(stage), rows_per_forward), self.budget)
+
+    def _statistics_budget(self, stage: str, targets: dict) -> int:
         """The budget less what a capture pass holds besides statistics (at least 1/4 of it for them).
 
-        Reserved: the batch's activations around the widest layer (its input and output and the
-        hooks' fp32 copies: about 3x), the LoRA files as read, and a fixed working margin.
+        Reserved: one batch's activations (``memory.activation_bytes``), the LoRA files as read,
+        and a fixed working margin.
         """
-        activations = max(
-            (3 * 4 * self.n * rows_per_forward.get(t, 0) * (m.weight[0].numel() + m.weight.shape[0]) for t, m in targets.items()),
-            default=0,
-        )
+        rows_per_forward, _ = self._row_counts(stage)
+        batch = max(len(concepts) for concepts in self.concept_batches(stage))
+        activations = batch * activation_bytes(targets, rows_per_forward)
         files = sum(t.numel() * t.element_size() for c in self.concepts for m in c.lora.modules.values()
                     for t in getattr(m, "tensors", {}).values())
         return max(self.budget - activations - files - WORKING_MARGIN, self.budget // 4)
@@ -240,15 +263,25 @@ class LoraclrMerge:
     def _solve_stage(self, stage: str, targets: dict, writer: KohyaWriter):
         reference = self.settings.method == "loraclr" and self.settings.solver == "reference"
         self.progress.update(stage, 0, len(targets), message=f"planning the {stage} capture")
-        rows_per_forward, rows = self._row_counts(stage, targets)
+        _, rows = self._row_counts(stage)
         ranks = {t: self.rank_bound(t) for t in targets}
-        budget = self._statistics_budget(targets, rows_per_forward)
+        batches = self.concept_batches(stage)
+        if reference and len(batches) > 1:
+            raise MergeInputError(
+                f"the reference solver needs all {self.n} concepts in one batch, which exceeds the "
+                f"{budget_text(self.budget)} memory budget: raise --max-memory, lower --capture-size, or use --solver fast")
+        budget = self._statistics_budget(stage, targets)
         if reference:  # raw rows per target, kept on the CPU
             costs = [InputCost(t, [t], 4 * self.n * rows.get(t, 0) * m.weight[0].numel(), 0) for t, m in targets.items()]
             passes = plan_passes(costs, budget)
         else:
-            passes = plan_passes(stream_costs(targets, ranks, self.n, rows), budget)
+            passes = plan_passes(stream_costs(targets, ranks, self.n, rows, micro_batched=len(batches) > 1), budget)
         self.result.passes[stage] = len(passes)
+        self.result.batches[stage] = len(batches)
+        if len(batches) > 1:
+            self.progress.update(stage, 0, len(targets), message=(
+                f"one batch of {self.n} concepts exceeds the {budget_text(self.budget)} memory budget: "
+                f"sampling them in {len(batches)} batches of up to {max(len(b) for b in batches)}"))
         if len(passes) > 1:
             self.progress.update(stage, 0, len(targets), message=(
                 f"statistics exceed the {budget_text(self.budget)} memory budget: capturing in {len(passes)} passes"))
@@ -291,6 +324,8 @@ class LoraclrMerge:
 
     def _solve(self, target, module, collector: StatsCollector, factors):
         method = self.settings.method
+        reference = method == "loraclr" and self.settings.solver == "reference"
+        check_finite(target, collector.raw(target) if reference else [collector.stats[target].target_inner])
         if method == "lsq":
             return solve_lsq(collector.stats[target], factors, self.settings)
         if self.settings.solver == "reference":
@@ -308,6 +343,7 @@ class LoraclrMerge:
             self.capture(stage, collector, f"exact pass {number}/{len(passes)} for {len(group)} layers near the margin")
             for target, module in group.items():
                 self.progress.update(stage, 1, 1, target, f"refining {target}")
+                check_finite(target, [collector.stats[target].target_inner])
                 self._hand_over(target, module, *solve_fast(collector.stats[target], factors[target], self.settings), writer)
                 collector.close_target(target)
 
@@ -338,7 +374,9 @@ class LoraclrMerge:
         return [PROMPT_TEMPLATE.format(c.trigger.strip()) for c in self.concepts]
 
     def capture_size(self) -> int:
-        return self.settings.capture_size or (1024 if self.model.arch == "sdxl" else 512)
+        if self.settings.capture_size is not None:
+            return self.settings.capture_size
+        return 1024 if self.model.arch == "sdxl" else 512
 
     def capture(self, stage: str, hooks: LayerHooks, label: str, progress_stage: str | None = None):
         {"text_encoder": self.capture_text_encoder, "cross_kv": self.capture_cross_kv, "unet": self.capture_unet}[
@@ -389,30 +427,50 @@ class LoraclrMerge:
             hooks.observe(target, module, x, outputs, states)
 
     def capture_unet(self, hooks: LayerHooks, label: str, stage: str):
-        """Stage 3: sample every concept's prompt in one batch, its own UNet LoRA on its rows."""
+        """Stage 3: sample every concept's prompt, its own UNet LoRA on its rows, batch by batch.
+
+        Concept i's noise comes from seed + i, so its features do not depend on the batching.
+        """
         loras = [only_targets(c.lora, lambda t: stage_of_target(t) == "unet") for c in self.concepts]
         merged = [as_lora("merged", self.merged)] if self.merged else []
         with torch.no_grad(), self._merged_applied():
             cond = self.model.encode(self.prompts())
-        size = self.capture_size()
+        size, steps = self.capture_size(), self.settings.capture_steps
+        batches = self.concept_batches("unet")
+        try:
+            for number, concepts in enumerate(batches):
+                where = label if len(batches) == 1 else (
+                    f"{label}, concepts {concepts.start + 1}-{concepts.stop} of {self.n}")
 
-        def on_step(step, total):
-            self.progress.update(stage if stage == "report" else "sampling", step + 1, total,
-                                 message=f"sampling step {step + 1}/{total} ({label})")
+                def on_step(step, total, done=number * steps, where=where):
+                    self.progress.update(stage if stage == "report" else "sampling", done + step + 1,
+                                         steps * len(batches), message=f"sampling step {step + 1}/{total} ({where})")
 
-        weights = [c.weight for c in self.concepts] + [1.0] * len(merged)
-        with LoraRuntime(self.model.targets(), loras + merged, weights) as runtime, hooks.attached():
-            runtime.set_rows([frozenset([i, *range(self.n, self.n + len(merged))]) for i in range(self.n)])
-            with torch.no_grad():
-                sample(
-                    self.model,
-                    cond,
-                    steps=self.settings.capture_steps,
-                    height=size,
-                    width=size,
-                    seed=self.settings.seed,
-                    callback=on_step,
-                )
+                members = [loras[i] for i in concepts]
+                weights = [self.concepts[i].weight for i in concepts] + [1.0] * len(merged)
+                shared = range(len(members), len(members) + len(merged))
+                hooks.start_batch(concepts)
+                with LoraRuntime(self.model.targets(), members + merged, weights) as runtime, hooks.attached():
+                    runtime.set_rows([frozenset([k, *shared]) for k in range(len(members))])
+                    with torch.no_grad():
+                        sample(
+                            self.model,
+                            cond.select(slice(concepts.start, concepts.stop)),
+                            steps=steps,
+                            height=size,
+                            width=size,
+                            seed=[self.settings.seed + i for i in concepts],
+                            callback=on_step,
+                        )
+        finally:
+            hooks.start_batch(range(self.n))
+
+
+def check_finite(target: str, features: list[torch.Tensor]) -> None:
+    """Non-finite features (a broken base model or LoRA) would end in a linear-algebra traceback: refuse by name."""
+    if not all(bool(torch.isfinite(t).all()) for t in features):
+        raise MergeInputError(f"{target}: the captured layer features are not finite (NaN or Inf): "
+                              "the base model or a LoRA gives non-finite activations there")
 
 
 def budget_text(nbytes: int) -> str:

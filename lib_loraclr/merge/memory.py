@@ -3,7 +3,9 @@
 The statistics of every layer of a full-width SDXL do not fit beside the model on a 32 GB
 machine, so the (seeded, hence repeatable) capture runs once per group of layers whose
 statistics fit the budget. Sizes are exact for what the statistics allocate (see
-``stats.InputStats``); activations and the written file are estimated and reserved.
+``stats.InputStats``); activations and the written file are estimated and reserved. When
+even one batch of every concept's UNet activations would not leave room for statistics,
+the concepts are sampled in micro-batches (``concept_batches``).
 """
 
 from __future__ import annotations
@@ -13,10 +15,15 @@ from dataclasses import dataclass
 import torch
 
 from .capture import input_key
+from .stats import SAMPLE_ROWS
 
 GIB = 2 ** 30
 DEFAULT_CAP = 4 * GIB  # the merge's own memory beyond the model, unless the user allows more
 FLOAT = 4  # bytes of the fp32 statistics
+# A UNet forward holds about this many fp32 copies of its widest hooked layer's input and
+# output per batch row at its peak (skip connections, GEGLU halves, the hooks' row views).
+# Measured on full-width SD1.5 at 512 px, batch 12: about 4.5 (see README, Memory).
+ACTIVATION_COPIES = 5
 
 
 def available_bytes(device: torch.device) -> int:
@@ -53,13 +60,35 @@ class InputCost:
     fold_bytes: int  # transient work space while folding rows into the factor
 
 
+def activation_bytes(targets: dict[str, torch.nn.Module], rows_per_forward: dict[str, int]) -> int:
+    """Estimated peak activations of one concept's forward (one batch row)."""
+    return max(
+        (ACTIVATION_COPIES * FLOAT * rows_per_forward.get(t, 0) * (m.weight[0].numel() + m.weight.shape[0])
+         for t, m in targets.items()),
+        default=0,
+    )
+
+
+def concept_batches(n_concepts: int, per_concept: int, budget: int) -> list[range]:
+    """Concepts per forward: all at once if their activations take at most half the budget, else even micro-batches."""
+    size = n_concepts if per_concept == 0 else max(1, min(n_concepts, budget // 2 // per_concept))
+    count = -(-n_concepts // size)
+    bounds = [round(k * n_concepts / count) for k in range(count + 1)]
+    return [range(start, stop) for start, stop in zip(bounds, bounds[1:])]
+
+
 def stream_costs(
-    targets: dict[str, torch.nn.Module], ranks: dict[str, int], n_concepts: int, rows: dict[str, int] | None = None
+    targets: dict[str, torch.nn.Module],
+    ranks: dict[str, int],
+    n_concepts: int,
+    rows: dict[str, int] | None = None,
+    micro_batched: bool = False,
 ) -> list[InputCost]:
     """Per distinct input (in model order): the bytes of its ``InputStats`` and of its readers' LoRA factors.
 
     ``ranks[target]`` is the sum of the concepts' ranks there; ``rows[target]`` the rows per
-    concept a capture will feed (None: unknown, assume the factor is needed).
+    concept a capture will feed (None: unknown, assume the factor is needed); a micro-batched
+    capture adds each reader's ``PairSample``.
     """
     groups: dict[str, InputCost] = {}
     widths: dict[str, int] = {}
@@ -80,7 +109,10 @@ def stream_costs(
             cost.fold_bytes = FLOAT * 3 * width * width
         cost.nbytes += 8 * n_concepts * n_concepts * len(cost.targets)  # target inner products
         for name in cost.targets:  # the pass's fp32 LoRA factors
-            cost.nbytes += FLOAT * ranks[name] * (d_in + targets[name].weight.shape[0])
+            d_out = targets[name].weight.shape[0]
+            cost.nbytes += FLOAT * ranks[name] * (d_in + d_out)
+            if micro_batched:
+                cost.nbytes += 8 * n_concepts * SAMPLE_ROWS * (d_in + d_out)
     return list(groups.values())
 
 

@@ -183,7 +183,8 @@ class Surrogate:
     With E_i = dW - Delta_i: ||Yhat_i - Y_i||^2 = tr(E_i G_i E_i^T) and
     ||Yhat_i||^2 = ||Y_i||^2 + 2 <E_i G_i, W_i> + ||Yhat_i - Y_i||^2 are exact. For the negatives,
     ||Yhat_i - Y_j|| >= max(||Y_i - Y_j|| - d_p,i, | ||Yhat_i|| - ||Y_j|| |) by the triangle
-    inequality; relu(margin - d)^2 decreases in d, so the bound can only overstate the hinge,
+    inequality (and, for pairs a micro-batched capture never saw together, its value on the
+    sampled rows); relu(margin - d)^2 decreases in d, so the bound can only overstate the hinge,
     and it is exact whenever the bound reaches the margin (hinge certified zero).
 
     Each concept enters through its factors Delta_i = U_i D_i and P_i = D_i G_i (r_i, D_in), so
@@ -226,6 +227,9 @@ class Surrogate:
             stats.target_distances() - d_pos[:, None],
             (prediction_norm[:, None] - target_sq.sqrt()[None, :]).abs(),
         ).clamp_min(DISTANCE_SQ_FLOOR ** 0.5)  # (N, N) lower bounds of ||Yhat_i - Y_j||
+        sampled = stats.pairs.prediction_bounds(base + dW)
+        if sampled is not None:  # pairs a micro-batched capture never saw together
+            bound = torch.maximum(bound, sampled)
         bound = bound + torch.diag(torch.full_like(d_pos, float("inf")))
         d_neg = bound.min(dim=1).values
         hinge = torch.relu(settings.margin - d_neg).pow(2)

@@ -107,7 +107,7 @@ def merge_to_file(
         "ranks": written["ranks"],
         "svd_errors": written["errors"],
         "seconds": {**result.seconds, "write": time.perf_counter() - write_started, "total": time.perf_counter() - started},
-        "memory": {"budget_bytes": result.budget_bytes, "passes": result.passes,
+        "memory": {"budget_bytes": result.budget_bytes, "passes": result.passes, "batches": result.batches,
                    "peak_statistics_bytes": result.peak_stats_bytes},
         "quality": reports,
         "settings": settings.to_dict(),

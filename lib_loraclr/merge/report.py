@@ -66,8 +66,8 @@ class ReportCollector(LayerHooks):
         merged = {method: merged_of(name, factors) for method, merged_of in self.merges.items()}
         for method in merged:
             self.sums[method].setdefault(name, torch.zeros(self.n_concepts, 3, dtype=torch.float64, device=x.device))
-        for i, factor in enumerate(factors):
-            rows = x[i]  # (R, D_in)
+        for offset, i in enumerate(self.concepts):
+            factor, rows = factors[i], x[offset]  # rows (R, D_in)
             own = None if factor is None else _effect(rows, factor)  # (R, D_out) E_i
             for method, delta in merged.items():
                 sums = self.sums[method][name]

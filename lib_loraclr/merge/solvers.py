@@ -222,9 +222,12 @@ def _certify_streamed(stats: TargetStats, merged: LowRank, system: _System, weig
     norm = float(((up_gram @ merged.down) * merged.down).sum().clamp_min(0).sqrt())
     own = max(system.residual(torch.zeros_like(merged.down)), 0.0)
     d_pos_bound = (residual * (1 + _STREAM_SLACK) + _STREAM_SLACK * own) ** 0.5
-    distances = stats.target_distances() * (1 - _STREAM_SLACK)
-    distances.fill_diagonal_(float("inf"))
-    certified = bool((distances.min(dim=1).values - d_pos_bound >= settings.margin).all())
+    bounds = stats.target_distances() * (1 - _STREAM_SLACK) - d_pos_bound  # (N, N) of ||Yhat_i - Y_j||
+    sampled = stats.pairs.prediction_bounds(stats.base_weight.double() + merged.dense())
+    if sampled is not None:  # pairs a micro-batched capture never saw together
+        bounds = torch.maximum(bounds, sampled * (1 - _STREAM_SLACK))
+    bounds.fill_diagonal_(float("inf"))
+    certified = bool((bounds.min(dim=1).values >= settings.margin).all())
     return certified, weight * residual + settings.lambda_reg * norm
 
 

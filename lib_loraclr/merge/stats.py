@@ -30,6 +30,89 @@ import torch
 from ..lora.lowrank import LowRank
 
 TARGET_SLICE = 1 << 20  # output values per concept converted to float64 at a time
+SAMPLE_ROWS = 32  # rows per concept a micro-batched capture keeps, to bound distances across batches
+
+
+def _concepts(concepts: range | None, n_concepts: int) -> range:
+    return range(n_concepts) if concepts is None else concepts
+
+
+class PairSample:
+    """The first rows of every concept's first call at one target: distance bounds across micro-batches.
+
+    A capture that runs the concepts in several batches never sees concepts i and j together,
+    so it cannot accumulate <Y_i, Y_j>. But a Frobenius norm over all rows is at least its
+    value on any aligned subset of them: ||Yhat_i - Y_j|| >= ||Xs_i W^T - Ys_j|| for the same
+    few rows of every concept (their first call, so the same sampling step and positions).
+    """
+
+    def __init__(self, n_concepts: int):
+        self.inputs: list[torch.Tensor | None] = [None] * n_concepts  # (k, D_in) float64 Xs_i
+        self.targets: list[torch.Tensor | None] = [None] * n_concepts  # (k, D_out) float64 bias-free Ys_i
+
+    def add(self, concepts: range, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """The first rows of a batch's concept blocks: inputs (m, k, D_in), bias-free targets (m, k, D_out)."""
+        for offset, concept in enumerate(concepts):
+            if self.inputs[concept] is None:
+                self.inputs[concept] = inputs[offset].double()
+                self.targets[concept] = targets[offset].double()
+
+    def nbytes(self) -> int:
+        return sum(8 * (x.numel() + y.numel()) for x, y in zip(self.inputs, self.targets) if x is not None)
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if any(x is None for x in self.inputs):
+            raise RuntimeError("a micro-batched capture left a concept without sample rows")
+        rows = min(x.shape[0] for x in self.inputs)
+        return torch.stack([x[:rows] for x in self.inputs]), torch.stack([y[:rows] for y in self.targets])
+
+    def target_distances(self) -> torch.Tensor:
+        """(N, N) ||Ys_i - Ys_j||: lower bounds of ||Y_i - Y_j||."""
+        _, targets = self._stacked()
+        flat = targets.reshape(targets.shape[0], -1)
+        return torch.cdist(flat, flat)
+
+    def prediction_distances(self, weight: torch.Tensor) -> torch.Tensor:
+        """(N, N) ||Xs_i W^T - Ys_j|| for the merged weight W = W0 + dW (D_out, D_in): lower bounds of ||Yhat_i - Y_j||."""
+        inputs, targets = self._stacked()
+        predictions = (inputs @ weight.to(inputs).T).reshape(inputs.shape[0], -1)  # differentiable in weight
+        return torch.cdist(predictions, targets.reshape(targets.shape[0], -1))
+
+
+class PairedDistances:
+    """||Y_i - Y_j|| for the pairs captured in one batch (from T_ij), sample bounds for the others."""
+
+    def __init__(self, n_concepts: int, device: torch.device | str):
+        self.target_inner = torch.zeros(n_concepts, n_concepts, dtype=torch.float64, device=device)
+        self.together = torch.zeros(n_concepts, n_concepts, dtype=torch.bool, device=device)
+        self.sample: PairSample | None = None  # set by a micro-batched capture
+
+    def add(self, flat_targets: torch.Tensor, concepts: range) -> None:
+        """Concept-aligned targets of one batch, flattened (m, values) float64."""
+        block = slice(concepts.start, concepts.stop)
+        self.target_inner[block, block].addmm_(flat_targets, flat_targets.T)
+        self.together[block, block] = True
+
+    def keep_sample(self, concepts: range, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """A micro-batch's first call at this target: inputs (m, r, D_in), bias-free targets (m, r', D_out), r' >= SAMPLE_ROWS or all."""
+        if self.sample is None:
+            self.sample = PairSample(self.target_inner.shape[0])
+        self.sample.add(concepts, inputs[:, :SAMPLE_ROWS], targets[:, :SAMPLE_ROWS])
+
+    def target_distances(self) -> torch.Tensor:
+        """(N, N) ||Y_i - Y_j|| where captured together, else a lower bound of it (0 without a sample)."""
+        exact = _distances(self.target_inner)
+        if bool(self.together.all()):
+            return exact
+        bound = self.sample.target_distances().to(exact) if self.sample is not None else torch.zeros_like(exact)
+        return torch.where(self.together, exact, bound)
+
+    def prediction_bounds(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """(N, N) sample lower bounds of ||Yhat_i - Y_j|| for the pairs never captured together (else 0); None if all were."""
+        if bool(self.together.all()) or self.sample is None:
+            return None
+        bounds = self.sample.prediction_distances(weight)
+        return torch.where(self.together, torch.zeros_like(bounds), bounds)
 
 
 class InputStats:
@@ -43,7 +126,7 @@ class InputStats:
         self.column_blocks: dict[str, list[slice | None]] = {}  # target -> per concept its C_i columns
         self.width = d_in  # columns of [X | C]
         self.rows = 0  # rows per concept
-        self._pending: list[torch.Tensor] = []  # (N, r, D_in) chunks not folded yet
+        self._pending: list[tuple[range, torch.Tensor]] = []  # (concepts, (m, r, D_in) rows) not folded yet
         self._pending_rows = 0
         self._triangle: torch.Tensor | None = None  # (width, width) fp32, upper triangular
 
@@ -67,37 +150,44 @@ class InputStats:
         return self._triangle is None
 
     def nbytes(self) -> int:
-        held = sum(chunk.numel() for chunk in self._pending) + (0 if self._triangle is None else self._triangle.numel())
+        held = sum(chunk.numel() for _, chunk in self._pending) + (0 if self._triangle is None else self._triangle.numel())
         return 4 * held
 
-    def add(self, inputs: torch.Tensor) -> None:
-        """Concept-aligned input rows (N, r, D_in)."""
-        if inputs.dim() != 3 or inputs.shape[0] != self.n_concepts or inputs.shape[2] != self.d_in:
-            raise ValueError(f"expected ({self.n_concepts}, r, {self.d_in}) input rows, got {tuple(inputs.shape)}")
-        self._pending.append(inputs.detach().to(self.device, torch.float32))
+    def add(self, inputs: torch.Tensor, concepts: range | None = None) -> None:
+        """Concept-aligned input rows (m, r, D_in) of ``concepts`` (default: all N, in order).
+
+        A micro-batched capture adds each batch's concepts in turn; every concept must end up
+        with the same rows (``rows`` counts those of concept 0).
+        """
+        concepts = _concepts(concepts, self.n_concepts)
+        if inputs.dim() != 3 or inputs.shape[0] != len(concepts) or inputs.shape[2] != self.d_in:
+            raise ValueError(f"expected ({len(concepts)}, r, {self.d_in}) input rows, got {tuple(inputs.shape)}")
+        self._pending.append((concepts, inputs.detach().to(self.device, torch.float32)))
         self._pending_rows += inputs.shape[0] * inputs.shape[1]
-        self.rows += inputs.shape[1]
+        if 0 in concepts:
+            self.rows += inputs.shape[1]
         if self._pending_rows >= self.width:
             self._fold()
 
-    def _augmented(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(N*r, width) rows of [X | C] for concept-aligned inputs (N, r, D_in)."""
-        n, r, _ = inputs.shape
-        rows = inputs.new_zeros(n, r, self.width)
+    def _augmented(self, inputs: torch.Tensor, concepts: range) -> torch.Tensor:
+        """(m*r, width) rows of [X | C] for concept-aligned inputs (m, r, D_in) of ``concepts``."""
+        m, r, _ = inputs.shape
+        rows = inputs.new_zeros(m, r, self.width)
         rows[:, :, :self.d_in] = inputs
         for downs, blocks in zip(self.downs, self.column_blocks.values()):
-            for i, (down, block) in enumerate(zip(downs, blocks)):
+            for offset, concept in enumerate(concepts):
+                down, block = downs[concept], blocks[concept]
                 if down is not None:
-                    rows[i, :, block] = inputs[i] @ down.T
-        return rows.reshape(n * r, self.width)
+                    rows[offset, :, block] = inputs[offset] @ down.T
+        return rows.reshape(m * r, self.width)
 
     def _fold(self) -> None:
         """QR of [R; pending rows] in pieces of at most ``width`` rows, so the work space stays bounded."""
         pending, self._pending, self._pending_rows = self._pending, [], 0
         step = max(1, self.width // self.n_concepts)  # rows per concept in one piece
-        for chunk in pending:
+        for concepts, chunk in pending:
             for start in range(0, chunk.shape[1], step):
-                piece = self._augmented(chunk[:, start:start + step])
+                piece = self._augmented(chunk[:, start:start + step], concepts)
                 stacked = piece if self._triangle is None else torch.cat([self._triangle, piece])
                 triangle = torch.linalg.qr(stacked, mode="r").R
                 if triangle.shape[0] < self.width:  # fewer rows than columns so far: pad to square
@@ -108,9 +198,13 @@ class InputStats:
         """(N, R, D_in) fp32 rows while kept, else None."""
         if not self.kept:
             return None
+        per_concept: list[list[torch.Tensor]] = [[] for _ in range(self.n_concepts)]
+        for concepts, chunk in self._pending:
+            for offset, concept in enumerate(concepts):
+                per_concept[concept].append(chunk[offset])
         if not self._pending:
             return torch.zeros(self.n_concepts, 0, self.d_in, device=self.device)
-        return torch.cat(self._pending, dim=1)
+        return torch.stack([torch.cat(chunks) for chunks in per_concept])
 
     def factor(self, target: str) -> torch.Tensor:
         """float64 T (m, D_in + K_t) with T^T T = [X | C_t]^T [X | C_t], C_t one target's columns in concept order."""
@@ -120,7 +214,7 @@ class InputStats:
             self._fold()
         if self.kept:
             rows = self.kept_rows()
-            matrix = self._augmented(rows) if rows.shape[1] else rows.new_zeros(0, self.width)
+            matrix = self._augmented(rows, range(self.n_concepts)) if rows.shape[1] else rows.new_zeros(0, self.width)
         else:
             matrix = self._triangle
         return matrix.index_select(1, index).double()
@@ -132,7 +226,8 @@ class TargetStats:
     T_ij = <O_i, O_j> of the concepts' aligned LoRA-applied outputs as the layer gave them (any
     layout, bias included), N x N in float64: the hinge's certificate needs the distances
     ||Y_i - Y_j|| between concepts' targets, which no per-concept statistic gives (they pair rows
-    of different concepts), and the bias cancels in them.
+    of different concepts), and the bias cancels in them. Pairs a micro-batched capture never
+    saw together get sample bounds instead (``PairedDistances``).
     """
 
     def __init__(self, target: str, weight: torch.Tensor, inputs: InputStats):
@@ -141,7 +236,11 @@ class TargetStats:
         self.n_concepts = inputs.n_concepts
         self.d_out = int(weight.shape[0])
         self._weight = weight  # the model's own, never copied: a pass holds many layers
-        self.target_inner = torch.zeros(self.n_concepts, self.n_concepts, dtype=torch.float64, device=inputs.device)
+        self.pairs = PairedDistances(self.n_concepts, inputs.device)
+
+    @property
+    def target_inner(self) -> torch.Tensor:
+        return self.pairs.target_inner
 
     @property
     def base_weight(self) -> torch.Tensor:
@@ -155,38 +254,46 @@ class TargetStats:
         inputs: list[torch.Tensor],
         factors: list[LowRank | None],
         chunk_rows: int = 4096,
+        batches: list[range] | None = None,
     ) -> "TargetStats":
-        """Streamed statistics of raw aligned inputs X_i (R, D_in), fp32, targets from the concept factors."""
+        """Streamed statistics of raw aligned inputs X_i (R, D_in), fp32, targets from the concept factors.
+
+        ``batches``: concept micro-batches fed one after the other, as a capture that cannot
+        batch every concept would (default: all together).
+        """
         if len({x.shape[0] for x in inputs}) != 1 or len(factors) != len(inputs):
             raise ValueError("inputs must be aligned (same row count), one factor (or None) per input")
         shared = InputStats(base_weight.shape[1], len(inputs), base_weight.device)
         shared.register("layer", [None if f is None else f.down for f in factors])
         stats = cls("layer", base_weight, shared)
         base = base_weight.float()
-        for start in range(0, inputs[0].shape[0], chunk_rows):
-            x = torch.stack([x[start:start + chunk_rows] for x in inputs]).float()  # (N, r, D_in)
-            y = x @ base.T
-            for i, factor in enumerate(factors):
-                if factor is not None:
-                    y[i] += (x[i] @ factor.down.float().T) @ factor.up.float().T
-            shared.add(x)
-            stats.add_targets(y)
+        for concepts in batches or [range(len(inputs))]:
+            for start in range(0, inputs[0].shape[0], chunk_rows):
+                x = torch.stack([inputs[i][start:start + chunk_rows] for i in concepts]).float()  # (m, r, D_in)
+                y = x @ base.T
+                for offset, i in enumerate(concepts):
+                    if factors[i] is not None:
+                        y[offset] += (x[offset] @ factors[i].down.float().T) @ factors[i].up.float().T
+                if start == 0 and len(concepts) < len(inputs):
+                    stats.pairs.keep_sample(concepts, x, y)
+                shared.add(x, concepts)
+                stats.add_targets(y, concepts)
         return stats
 
     @property
     def rows(self) -> int:
         return self.inputs.rows
 
-    def add_targets(self, outputs: torch.Tensor) -> None:
-        """A concept-aligned batch output (N*k, ...), in float64 slices: a layer's whole output never doubles."""
-        flat = outputs.detach().reshape(self.n_concepts, -1)
+    def add_targets(self, outputs: torch.Tensor, concepts: range | None = None) -> None:
+        """A concept-aligned batch output (m*k, ...) of ``concepts``, in float64 slices: a layer's whole output never doubles."""
+        concepts = _concepts(concepts, self.n_concepts)
+        flat = outputs.detach().reshape(len(concepts), -1)
         for start in range(0, flat.shape[1], TARGET_SLICE):
-            part = flat[:, start:start + TARGET_SLICE].to(self.inputs.device, torch.float64)
-            self.target_inner.addmm_(part, part.T)
+            self.pairs.add(flat[:, start:start + TARGET_SLICE].to(self.inputs.device, torch.float64), concepts)
 
     def target_distances(self) -> torch.Tensor:
-        """(N, N) ||Y_i - Y_j||."""
-        return _distances(self.target_inner)
+        """(N, N) ||Y_i - Y_j|| (lower bounds for pairs never captured together)."""
+        return self.pairs.target_distances()
 
     def exact(self, factors: list[LowRank | None]) -> "LayerStats | None":
         """The exact per-concept statistics, when the raw rows are still kept (targets rebuilt from them)."""
@@ -199,7 +306,7 @@ class TargetStats:
             if factor is not None:
                 targets[i] += (rows[i] @ factor.down.to(rows).T) @ factor.up.to(rows).T
         stats = LayerStats(base, self.n_concepts)
-        stats.add(list(rows), list(targets))
+        stats.add(list(rows), list(targets))  # every pair rebuilt from the rows: exact
         return stats
 
 
@@ -213,7 +320,8 @@ class LayerStats:
 
     G_i = X_i^T X_i (or the rows themselves while all concepts' rows are fewer than D_in) and
     T_ij = <Y_i, Y_j>. Targets Y_i must be bias-free and equal X_i (W0 + Delta_i)^T.
-    Memory N * D_in^2: built only for a layer whose hinge needs refining.
+    Memory N * D_in^2: built only for a layer whose hinge needs refining. A micro-batched
+    capture adds each batch's concepts in turn (Grams at once, T_ij within the batch).
     """
 
     def __init__(self, base_weight: torch.Tensor, n_concepts: int):
@@ -225,7 +333,7 @@ class LayerStats:
         self.base_weight = base_weight.detach().to(torch.float64)  # (D_out, D_in)
         self.d_out = int(base_weight.shape[0])
         self.grams: torch.Tensor | None = None  # (N, D_in, D_in) once the rows are too many to keep
-        self.target_inner = torch.zeros(n_concepts, n_concepts, dtype=torch.float64, device=base_weight.device)
+        self.pairs = PairedDistances(n_concepts, base_weight.device)
         self.rows = 0  # rows per concept (aligned, so one count)
         self._input_rows: torch.Tensor | None = torch.zeros(
             n_concepts, 0, base_weight.shape[1], dtype=torch.float64, device=base_weight.device
@@ -235,12 +343,17 @@ class LayerStats:
     def device(self) -> torch.device:
         return self.base_weight.device
 
-    def add(self, input_chunks: list[torch.Tensor], target_chunks: list[torch.Tensor]) -> None:
+    @property
+    def target_inner(self) -> torch.Tensor:
+        return self.pairs.target_inner
+
+    def add(self, input_chunks: list[torch.Tensor], target_chunks: list[torch.Tensor], concepts: range | None = None) -> None:
         """Accumulate one aligned chunk: concept i's input rows (r, D_in) and target rows (r, D_out)."""
+        concepts = _concepts(concepts, self.n_concepts)
         d_out, d_in = self.base_weight.shape
-        if len(input_chunks) != self.n_concepts or len(target_chunks) != self.n_concepts:
+        if len(input_chunks) != len(concepts) or len(target_chunks) != len(concepts):
             raise ValueError(
-                f"expected {self.n_concepts} input and target chunks, got {len(input_chunks)} and {len(target_chunks)}"
+                f"expected {len(concepts)} input and target chunks, got {len(input_chunks)} and {len(target_chunks)}"
             )
         rows = input_chunks[0].shape[0]
         for i, (x, y) in enumerate(zip(input_chunks, target_chunks)):
@@ -249,23 +362,24 @@ class LayerStats:
                     f"concept {i}: chunks must be ({rows}, {d_in}) inputs and ({rows}, {d_out}) targets "
                     f"(rows aligned across concepts), got {tuple(x.shape)} and {tuple(y.shape)}"
                 )
-        targets = torch.stack(target_chunks).to(self.device, torch.float64).reshape(self.n_concepts, -1)  # (N, r*D_out)
-        self.target_inner.addmm_(targets, targets.T)
-        self.add_rows(torch.stack(input_chunks).to(self.device, torch.float64))
+        targets = torch.stack(target_chunks).to(self.device, torch.float64).reshape(len(concepts), -1)  # (m, r*D_out)
+        self.pairs.add(targets, concepts)
+        self.add_rows(torch.stack(input_chunks).to(self.device, torch.float64), concepts)
 
-    def add_rows(self, inputs: torch.Tensor, target_inner: torch.Tensor | None = None) -> None:
-        """Aligned input rows (N, r, D_in) float64, and optionally their targets' inner products."""
-        if target_inner is not None:
-            self.target_inner += target_inner.to(self.target_inner)
-        if self._input_rows is not None and self.n_concepts * (self.rows + inputs.shape[1]) <= self.base_weight.shape[1]:
+    def add_rows(self, inputs: torch.Tensor, concepts: range | None = None) -> None:
+        """Aligned input rows (m, r, D_in) float64 of ``concepts`` (default all)."""
+        concepts = _concepts(concepts, self.n_concepts)
+        everyone = len(concepts) == self.n_concepts
+        if everyone and self._input_rows is not None and self.n_concepts * (self.rows + inputs.shape[1]) <= self.base_weight.shape[1]:
             self._input_rows = torch.cat([self._input_rows, inputs], dim=1)
         else:
             if self.grams is None:
                 kept = self._input_rows
                 self.grams = kept.transpose(1, 2) @ kept
                 self._input_rows = None
-            self.grams.baddbmm_(inputs.transpose(1, 2), inputs)
-        self.rows += inputs.shape[1]
+            self.grams[concepts.start:concepts.stop].baddbmm_(inputs.transpose(1, 2), inputs)
+        if 0 in concepts:
+            self.rows += inputs.shape[1]
 
     @classmethod
     def from_features(
@@ -274,17 +388,22 @@ class LayerStats:
         inputs: list[torch.Tensor],
         deltas: list[torch.Tensor | None],
         chunk_rows: int = 4096,
+        batches: list[range] | None = None,
     ) -> LayerStats:
-        """Statistics of raw aligned inputs X_i (R, D_in), targets computed from the concept deltas."""
+        """Statistics of raw aligned inputs X_i (R, D_in), targets computed from the concept deltas (``batches``: as above)."""
         stats = cls(base_weight, len(inputs))
         if len(deltas) != len(inputs):
             raise ValueError(f"got {len(deltas)} concept deltas for {len(inputs)} concept inputs")
         if len({x.shape[0] for x in inputs}) != 1:
             raise ValueError(f"concept inputs must have the same row count, got {[x.shape[0] for x in inputs]}")
         weights = [base_weight if delta is None else base_weight + delta.to(base_weight) for delta in deltas]
-        for start in range(0, inputs[0].shape[0], chunk_rows):
-            chunks = [x[start:start + chunk_rows].to(base_weight) for x in inputs]
-            stats.add(chunks, [x @ w.T for x, w in zip(chunks, weights)])
+        for concepts in batches or [range(len(inputs))]:
+            for start in range(0, inputs[0].shape[0], chunk_rows):
+                chunks = [inputs[i][start:start + chunk_rows].to(base_weight) for i in concepts]
+                targets = [x @ weights[i].T for x, i in zip(chunks, concepts)]
+                if start == 0 and len(concepts) < len(inputs):
+                    stats.pairs.keep_sample(concepts, torch.stack(chunks), torch.stack(targets))
+                stats.add(chunks, targets, concepts)
         return stats
 
     def _rows(self) -> torch.Tensor | None:
@@ -328,4 +447,4 @@ class LayerStats:
 
     def target_distances(self) -> torch.Tensor:
         """(N, N) ||Y_i - Y_j|| from T (float64: the expansion's cancellation stays far below fp32 input rounding)."""
-        return _distances(self.target_inner)
+        return self.pairs.target_distances()
