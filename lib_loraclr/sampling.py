@@ -77,13 +77,15 @@ def sample(
     uncond: Conditioning | None = None,
     guidance_scale: float = 1.0,
     callback: Callable[[int, int], None] | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample one latent per row of ``cond``; returns x0 (B, C, height/8, width/8) in float32.
 
     The result is in the UNet's latent space (divide by the VAE scaling factor to decode, as
     ``decode_latents`` does). No guidance when ``uncond`` is None. ``callback(i, steps)`` runs
     after step i (0-based). ``seed``: one for the whole batch's noise, or one per row, so that a
-    row's image depends only on its prompt and seed, never on the rest of the batch.
+    row's image depends only on its prompt and seed, never on the rest of the batch. ``noise``:
+    the starting unit Gaussian itself (B, C, h, w), instead of a seed (rows of a larger batch's).
     """
     batch = cond.context.shape[0]
     factor = model.vae_scale_factor
@@ -95,7 +97,10 @@ def sample(
     denoise = _denoiser(model, cond, uncond, guidance_scale)
 
     shape = (batch, model.latent_channels, height // factor, width // factor)
-    if isinstance(seed, int):
+    if noise is not None:
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise of shape {tuple(noise.shape)} for a {shape} batch")
+    elif isinstance(seed, int):
         noise = initial_noise(shape, seed)
     elif len(seed) == batch:
         noise = torch.cat([initial_noise((1, *shape[1:]), int(row_seed)) for row_seed in seed])

@@ -331,6 +331,20 @@ def test_sampler_per_row_seeds_make_each_row_independent_of_the_batch(models):
         sample(model, cond, steps=2, height=64, width=64, seed=[1, 2, 3])
 
 
+def test_sampler_given_rows_of_a_larger_batchs_noise_samples_those_rows(models):
+    """What the merge's micro-batched capture relies on: a row's result depends on its noise, not its batch-mates."""
+    model = models["sd1"]
+    prompts = ["a photo of a cat", "a red house", "a blue car"]
+    whole = sample(model, model.encode(prompts), steps=3, height=64, width=64, seed=7)
+    noise = initial_noise((3, model.latent_channels, 8, 8), 7)
+    torch.testing.assert_close(sample(model, model.encode(prompts), steps=3, height=64, width=64, noise=noise), whole,
+                               rtol=0, atol=0)
+    last = sample(model, model.encode(prompts[2:]), steps=3, height=64, width=64, noise=noise[2:])
+    torch.testing.assert_close(last, whole[2:], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="noise of shape"):
+        sample(model, model.encode(prompts[:1]), steps=2, height=64, width=64, noise=noise)
+
+
 def test_sdxl_sampling_runs(models):
     model = models["sdxl"]
     latent = sample(model, model.encode(PROMPTS), steps=2, height=64, width=96, seed=0)

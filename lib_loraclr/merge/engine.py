@@ -30,7 +30,7 @@ from ..lora.reader import check_same_arch
 from ..lora.writer import KohyaWriter
 from ..model import ModelAccess
 from ..runtime import LoraRuntime, shapes_fit
-from ..sampling import sample
+from ..sampling import initial_noise, sample
 from .capture import LayerHooks, StatsCollector, layer_matrix
 from .memory import (
     GIB,
@@ -429,13 +429,16 @@ class LoraclrMerge:
     def capture_unet(self, hooks: LayerHooks, label: str, stage: str):
         """Stage 3: sample every concept's prompt, its own UNet LoRA on its rows, batch by batch.
 
-        Concept i's noise comes from seed + i, so its features do not depend on the batching.
+        Concept i's noise is row i of one seeded batch of noise, so its features do not depend
+        on the batching.
         """
         loras = [only_targets(c.lora, lambda t: stage_of_target(t) == "unet") for c in self.concepts]
         merged = [as_lora("merged", self.merged)] if self.merged else []
         with torch.no_grad(), self._merged_applied():
             cond = self.model.encode(self.prompts())
         size, steps = self.capture_size(), self.settings.capture_steps
+        latent = size // self.model.vae_scale_factor
+        noise = initial_noise((self.n, self.model.latent_channels, latent, latent), self.settings.seed)
         batches = self.concept_batches("unet")
         try:
             for number, concepts in enumerate(batches):
@@ -459,7 +462,7 @@ class LoraclrMerge:
                             steps=steps,
                             height=size,
                             width=size,
-                            seed=[self.settings.seed + i for i in concepts],
+                            noise=noise[concepts.start:concepts.stop],
                             callback=on_step,
                         )
         finally:
