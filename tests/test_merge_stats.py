@@ -143,6 +143,7 @@ def test_micro_batched_statistics_equal_one_batch_and_bound_the_pairs_never_batc
     g = torch.Generator().manual_seed(3)
     for scale in (0.0, 0.1, 3.0):
         weight = base + scale * torch.randn(base.shape, generator=g, dtype=torch.float64)
+        assert batched.pairs.sampled and not one.pairs.sampled
         bounds = batched.pairs.prediction_bounds(weight)
         exact = _true_distances(stacked @ weight.T, targets)
         assert bool((bounds[across] <= exact[across] * (1 + 1e-6)).all())

@@ -227,9 +227,8 @@ class Surrogate:
             stats.target_distances() - d_pos[:, None],
             (prediction_norm[:, None] - target_sq.sqrt()[None, :]).abs(),
         ).clamp_min(DISTANCE_SQ_FLOOR ** 0.5)  # (N, N) lower bounds of ||Yhat_i - Y_j||
-        sampled = stats.pairs.prediction_bounds(base + dW)
-        if sampled is not None:  # pairs a micro-batched capture never saw together
-            bound = torch.maximum(bound, sampled)
+        if stats.pairs.sampled:  # pairs a micro-batched capture never saw together
+            bound = torch.maximum(bound, stats.pairs.prediction_bounds(base + dW))
         bound = bound + torch.diag(torch.full_like(d_pos, float("inf")))
         d_neg = bound.min(dim=1).values
         hinge = torch.relu(settings.margin - d_neg).pow(2)

@@ -223,8 +223,8 @@ def _certify_streamed(stats: TargetStats, merged: LowRank, system: _System, weig
     own = max(system.residual(torch.zeros_like(merged.down)), 0.0)
     d_pos_bound = (residual * (1 + _STREAM_SLACK) + _STREAM_SLACK * own) ** 0.5
     bounds = stats.target_distances() * (1 - _STREAM_SLACK) - d_pos_bound  # (N, N) of ||Yhat_i - Y_j||
-    sampled = stats.pairs.prediction_bounds(stats.base_weight.double() + merged.dense())
-    if sampled is not None:  # pairs a micro-batched capture never saw together
+    if stats.pairs.sampled:  # pairs a micro-batched capture never saw together
+        sampled = stats.pairs.prediction_bounds(stats.base_weight.double() + merged.dense())
         bounds = torch.maximum(bounds, sampled * (1 - _STREAM_SLACK))
     bounds.fill_diagonal_(float("inf"))
     certified = bool((bounds.min(dim=1).values >= settings.margin).all())

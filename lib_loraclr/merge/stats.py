@@ -107,10 +107,13 @@ class PairedDistances:
         bound = self.sample.target_distances().to(exact) if self.sample is not None else torch.zeros_like(exact)
         return torch.where(self.together, exact, bound)
 
-    def prediction_bounds(self, weight: torch.Tensor) -> torch.Tensor | None:
-        """(N, N) sample lower bounds of ||Yhat_i - Y_j|| for the pairs never captured together (else 0); None if all were."""
-        if bool(self.together.all()) or self.sample is None:
-            return None
+    @property
+    def sampled(self) -> bool:
+        """True when some pairs were never captured together and a sample bounds them."""
+        return self.sample is not None and not bool(self.together.all())
+
+    def prediction_bounds(self, weight: torch.Tensor) -> torch.Tensor:
+        """(N, N) sample lower bounds of ||Yhat_i - Y_j|| for the pairs never captured together (0 for the others)."""
         bounds = self.sample.prediction_distances(weight)
         return torch.where(self.together, torch.zeros_like(bounds), bounds)
 
