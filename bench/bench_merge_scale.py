@@ -420,7 +420,7 @@ def print_table(rows):
 
 def print_old_design(arch, counts, scale):
     """Statistics the previous engine held, per N, and what the streaming engine plans: at the bench's width and at full width."""
-    from full_width import meta_targets, old_design_bytes, planned_statistics
+    from full_width import meta_targets, old_design_bytes, planned_batches, planned_statistics
 
     shown = sorted(set(counts) | {TARGET_MAX_LORAS})
     widths = [scale] if scale == 1 else [scale, 1.0]
@@ -434,6 +434,11 @@ def print_old_design(arch, counts, scale):
             stages = ", ".join(f"{stage} {held:.2f} GiB in {passes} pass{'es' if passes > 1 else ''}"
                                for stage, (held, passes) in plan.items())
             print(f"    streaming design, N={n}, rank 16, UNet worst case (every input folded), 4 GiB default budget: {stages}")
+            native = 1024 if arch == "sdxl" else 512
+            per_concept, batches = planned_batches(targets, arch, n, native)
+            print(f"      at the native {native} px: about {per_concept:.2f} GiB of UNet activations per concept, so the "
+                  f"{n} concepts sample in {len(batches)} batch{'es' if len(batches) > 1 else ''} of up to "
+                  f"{max(len(b) for b in batches)}")
 
 
 def main():

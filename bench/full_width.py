@@ -325,6 +325,35 @@ def old_design_bytes(targets: dict[str, dict], n_concepts: int) -> int:
     return total
 
 
+def unet_rows_per_image(target: str, arch: str, size: int) -> int:
+    """Tokens a UNet transformer layer sees per image at ``size`` px: the latent (size / 8) halved per level."""
+    levels = 3 if arch == "sdxl" else 4
+    parts = target.split(".")
+    if parts[1] == "mid_block":
+        level = levels - 1
+    else:
+        index = int(parts[2])
+        level = index if parts[1] == "down_blocks" else levels - 1 - index
+    return (size // 8 // 2 ** level) ** 2
+
+
+def planned_batches(targets: dict[str, dict], arch: str, n_concepts: int, size: int, budget: int | None = None) -> tuple[float, list[range]]:
+    """(GiB of one concept's estimated UNet activations, the concept batches) the engine plans at ``size`` px."""
+    import torch
+
+    from lib_loraclr.merge.engine import stage_of_target
+    from lib_loraclr.merge.memory import DEFAULT_CAP, activation_bytes, concept_batches
+
+    class Layer:
+        def __init__(self, shape):
+            self.weight = torch.empty(shape, device="meta")
+
+    layers = {t: Layer(info["shape"]) for t, info in targets.items() if stage_of_target(t) == "unet"}
+    rows = {t: unet_rows_per_image(t, arch, size) for t in layers}
+    per_concept = activation_bytes(layers, rows)
+    return per_concept / 2 ** 30, concept_batches(n_concepts, per_concept, budget or DEFAULT_CAP)
+
+
 def planned_statistics(targets: dict[str, dict], n_concepts: int, rank: int = 16, budget: int | None = None) -> dict:
     """What the streaming engine plans per stage: text rows as the capture has them (2 prompts x 77 tokens,
     a few trigger rows for k/v), UNet rows worst case (every input folded into its factor, as at 512-1024 px).
