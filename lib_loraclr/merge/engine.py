@@ -323,14 +323,15 @@ class LoraclrMerge:
         return total
 
     def _solve(self, target, module, collector: StatsCollector, factors):
-        method = self.settings.method
-        reference = method == "loraclr" and self.settings.solver == "reference"
-        check_finite(target, collector.raw(target) if reference else [collector.stats[target].target_inner])
-        if method == "lsq":
-            return solve_lsq(collector.stats[target], factors, self.settings)
-        if self.settings.solver == "reference":
-            return solve_reference(layer_matrix(module), collector.raw(target), factors, self.settings)
-        return solve_fast(collector.stats[target], factors, self.settings)
+        if self.settings.method == "loraclr" and self.settings.solver == "reference":
+            rows = collector.raw(target)  # one concatenated copy of the raw rows, checked and solved
+            check_finite(target, rows)
+            return solve_reference(layer_matrix(module), rows, factors, self.settings)
+        stats = collector.stats[target]
+        check_finite(target, [stats.target_inner])
+        if self.settings.method == "lsq":
+            return solve_lsq(stats, factors, self.settings)
+        return solve_fast(stats, factors, self.settings)
 
     def _solve_exact(self, stage: str, targets: dict, writer: KohyaWriter):
         """Layers whose hinge the streamed statistics could not certify: exact per-concept statistics, refined."""
