@@ -40,11 +40,23 @@ def a1111(tmp_path):
 
 
 @pytest.fixture
+def a1111_sdxl(tmp_path):
+    """The A1111 stand-in with a tiny SDXL-architecture model (sgm layout, two embedders)."""
+    yield from _started(A1111Host(str(tmp_path / "webui"), arch="sdxl"))
+
+
+@pytest.fixture
 def forge(tmp_path):
     """A started ``webui_harness.forge_host.ForgeHost`` (Forge 2.0.1v1.10.1 stand-in): ``import modules_forge``,
     ``import backend...``, ``import networks`` (sd_forge_lora) work; ``shared.sd_model`` is the tiny
     ``StableDiffusion`` (weights are inference tensors). Teardown drops modules/backend/... from sys.modules."""
     yield from _started(ForgeHost(str(tmp_path / "forge")))
+
+
+@pytest.fixture
+def forge_sdxl(tmp_path):
+    """The Forge stand-in with a tiny SDXL-architecture model (clip_l + clip_g, adm UNet)."""
+    yield from _started(ForgeHost(str(tmp_path / "forge"), arch="sdxl"))
 
 
 requires_gradio = pytest.mark.skipif(not gradio_available(), reason="gradio is not installed")
