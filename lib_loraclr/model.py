@@ -42,6 +42,7 @@ class ModelAccess(ABC):
     """Text encoder(s), tokenizer and UNet of a loaded SD model, by canonical names."""
 
     arch: str  # "sd1" | "sd2" | "sdxl"
+    unet: nn.Module  # the host's own UNet: composition finds its cross-attention modules here
 
     @property
     @abstractmethod

@@ -1,43 +1,27 @@
 """WebUI entry point: "LoRACLR composition" in txt2img (an AlwaysOn script).
 
-Hook order (A1111 and Forge): ``process`` (read the request, record infotext) ->
-per batch ``before_process_batch`` (take the concept LoRAs' ``<lora:>`` tags out of the
-prompts, so the built-in Lora does not apply them to the whole image) -> ``process_batch``
-(read LoRAs, plan, encode each pass) -> ``process_before_every_sampling`` (run CLoRA in the
-sampler, again for hires) -> ``post_sample`` (take it out) -> ``postprocess_image`` /
-``postprocess`` (mask overlays). Nothing stays installed between generations: the LoRA hooks
-are on only inside each sampler step, the sampler hook dies with its sampler and is removed
-in ``post_sample`` too.
-
-Errors: the WebUIs report and swallow exceptions raised in script hooks, which would let the
-generation go on without the composition the user asked for. So a failure is kept and
-raised from the sampler's first step instead, which stops the generation with our message.
+Every hook forwards to ``lib_loraclr.webui.compose_script.CompositionScript``, which holds
+the state machine (hook order, deferred errors, overlays, infotext).
 """
 
 import modules.scripts as scripts
 
-from lib_loraclr.compose.overlay import mask_overlay
-from lib_loraclr.compose.session import ComposeSession, strip_lora_tags
-from lib_loraclr.webui.denoiser import FailingDenoiser
-from lib_loraclr.webui.host import current_host
-from lib_loraclr.webui.ui import INFOTEXT_KEY, build_compose_ui, request_from_args
+from lib_loraclr.webui.compose_script import CompositionScript
+from lib_loraclr.webui import supported_host
+from lib_loraclr.webui.ui import build_compose_ui
 
 
 class LoraclrCompose(scripts.Script):
     def __init__(self):
         super().__init__()
-        self.host = current_host()
-        self.request = None
-        self.session = None
-        self.installed = None
-        self.error = None
-        self.overlays = []
+        self.host = supported_host()
+        self.state = CompositionScript(self.host) if self.host is not None else None
 
     def title(self):
         return "LoRACLR composition"
 
     def show(self, is_img2img):
-        return False if is_img2img else scripts.AlwaysVisible
+        return False if is_img2img or self.host is None else scripts.AlwaysVisible
 
     def ui(self, is_img2img):
         built = build_compose_ui(self.host, "img2img" if is_img2img else "txt2img")
@@ -45,72 +29,22 @@ class LoraclrCompose(scripts.Script):
         return built.components
 
     def process(self, p, *args):
-        self._release()
-        self.error = None
-        self.overlays = []
-        try:
-            self.request = request_from_args(args)
-        except Exception as error:
-            self.request, self.error = None, error
-            return
-        if self.request is not None:
-            p.extra_generation_params[INFOTEXT_KEY] = self.request.to_infotext()
+        self.state.process(p, args)
 
     def before_process_batch(self, p, *args, **kwargs):
-        if self.request is None:
-            return
-        names = [row.lora for row in self.request.concepts] + ([self.request.style] if self.request.style else [])
-        p.prompts = [strip_lora_tags(prompt, names) for prompt in p.prompts]
-        hr_prompts = getattr(p, "all_hr_prompts", None)
-        if hr_prompts:
-            p.all_hr_prompts = [strip_lora_tags(prompt, names) for prompt in hr_prompts]
+        self.state.before_process_batch(p)
 
     def process_batch(self, p, *args, **kwargs):
-        if self.request is None or self.error is not None:
-            return
-        self._release()
-        try:
-            model = self.host.model()
-            model.image_size = (p.height, p.width)
-            self.session = ComposeSession(model, self.request, self.host.lora_files(), p.prompts, p.negative_prompts,
-                                          embeddings=self.host.embedding_names())
-        except Exception as error:
-            self.error = error
+        self.state.process_batch(p)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
-        self._uninstall()
-        if self.error is None and self.session is not None:
-            try:
-                self.installed = self.host.install_compose(p, self.session)
-            except Exception as error:
-                self.error = error
-        if self.error is not None:
-            self.installed = FailingDenoiser(p.sampler, self.error)
+        self.state.process_before_every_sampling(p)
 
     def post_sample(self, p, ps, *args):
-        self._uninstall()
+        self.state.post_sample()
 
     def postprocess_image(self, p, pp, *args):
-        if self.session is None or not self.request.show_masks or self.session.last_masks is None:
-            return
-        index = getattr(p, "batch_index", 0)
-        masks = self.session.last_masks[:, index]  # (P, 1, h, w)
-        self.overlays.append(mask_overlay(pp.image, masks, self.session.names))
+        self.state.postprocess_image(p, pp)
 
     def postprocess(self, p, processed, *args):
-        if self.overlays:
-            processed.images.extend(self.overlays)
-            processed.infotexts.extend([processed.infotexts[0] if processed.infotexts else ""] * len(self.overlays))
-        self.overlays = []
-        self._release()
-
-    def _uninstall(self):
-        if self.installed is not None:
-            self.installed.remove()
-            self.installed = None
-
-    def _release(self):
-        self._uninstall()
-        if self.session is not None:
-            self.session.close()
-            self.session = None
+        self.state.postprocess(processed)

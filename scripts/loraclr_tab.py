@@ -4,7 +4,7 @@ from modules import script_callbacks, shared
 
 from lib_loraclr.merge.objective import METHODS
 from lib_loraclr.webui.api import register_api
-from lib_loraclr.webui.host import current_host
+from lib_loraclr.webui import supported_host
 from lib_loraclr.webui.merge_service import MergeService
 from lib_loraclr.webui.ui import build_merge_tab
 
@@ -15,7 +15,7 @@ _service = None
 def service() -> MergeService:
     global _service
     if _service is None:
-        _service = MergeService(current_host())
+        _service = MergeService(supported_host())
     return _service
 
 
@@ -43,6 +43,7 @@ def on_app_started(_demo, app):
     register_api(app, service())
 
 
-script_callbacks.on_ui_settings(on_ui_settings)
-script_callbacks.on_ui_tabs(on_ui_tabs)
-script_callbacks.on_app_started(on_app_started)
+if supported_host() is not None:
+    script_callbacks.on_ui_settings(on_ui_settings)
+    script_callbacks.on_ui_tabs(on_ui_tabs)
+    script_callbacks.on_app_started(on_app_started)

@@ -18,7 +18,7 @@ from lib_loraclr.compose.settings import ComposeSettings
 from lib_loraclr.lora.reader import peek_lora, read_lora
 from lib_loraclr.lora.writer import write_kohya_lora, write_sidecar
 from lib_loraclr.runtime import LoraRuntime
-from lib_loraclr.webui.host import WebUIHost, scan_lora_folder
+from lib_loraclr.hosts.webui_host import WebUIHost, scan_lora_folder
 from lib_loraclr.webui.merge_service import MergeRequest, MergeService, report_path_for
 from lib_loraclr.webui.ui import MAX_CONCEPT_ROWS, merge_request_from_ui, request_from_args
 

@@ -23,8 +23,8 @@ from torch import nn
 
 from ..model import Conditioning
 from ..runtime import is_linear
-from ..webui.denoiser import ComposeDenoiser, StepInput, kdiffusion_scale
-from ..webui.host import WebUIHost
+from .webui_denoiser import ComposeDenoiser, StepInput, kdiffusion_scale
+from .webui_host import WebUIHost
 from .webui_model import WebUIModel
 
 _OPEN_CLIP_LAYERS = {"mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2", "attn.out_proj": "self_attn.out_proj"}

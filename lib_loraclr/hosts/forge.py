@@ -18,8 +18,8 @@ import torch
 
 from ..frozen_grad import GradThroughFrozen
 from ..model import Conditioning
-from ..webui.denoiser import ComposeDenoiser, StepInput, kdiffusion_scale
-from ..webui.host import WebUIHost
+from .webui_denoiser import ComposeDenoiser, StepInput, kdiffusion_scale
+from .webui_host import WebUIHost
 from .webui_model import WebUIModel
 
 _TEXT_ENCODERS = (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"))

@@ -21,7 +21,6 @@ class WebUIModel(ModelAccess):
     text model) and ``_tokenizer`` in ``__init__`` and may add targets in ``extra_targets``."""
 
     sd_model: object
-    unet: nn.Module
     text_encoders: dict[str, nn.Module]
     _tokenizer: object
     _targets: dict[str, nn.Module] | None = None

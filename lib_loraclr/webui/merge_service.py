@@ -20,7 +20,7 @@ from ..merge.engine import check_concepts
 from ..merge.objective import MergeSettings
 from ..merge.pipeline import check_outputs, load_concepts, merge_to_file
 from ..validation import LoraName, StrictBool, Strength, Trigger, checked, from_mapping, text
-from .host import WebUIHost
+from ..hosts.webui_host import WebUIHost
 
 REPORT_SUFFIX = ".loraclr-report.json"
 MAX_MERGE_LORAS = 32

@@ -17,7 +17,7 @@ from ..compose.settings import ComposeSettings
 from ..lora.reader import peek_lora
 from ..merge.objective import METHODS, SOLVERS, MergeSettings
 from ..validation import InputError
-from .host import WebUIHost
+from ..hosts.webui_host import WebUIHost
 from .merge_service import MergeRequest, MergeService
 
 INFOTEXT_KEY = "LoRACLR"

@@ -49,7 +49,7 @@ def webui(request):
 
 
 def our_model():
-    from lib_loraclr.webui.host import current_host
+    from lib_loraclr.hosts.webui_host import current_host
 
     return current_host().model()
 
@@ -209,7 +209,7 @@ def test_unsupported_sampler_is_refused():
 
 def test_merge_reads_the_checkpoint_weights_and_refreshes_the_lora_list(host):
     import networks
-    from lib_loraclr.webui.host import current_host
+    from lib_loraclr.hosts.webui_host import current_host
     from lib_loraclr.webui.merge_service import MergeRequest, MergeService
 
     def to_k_weight():

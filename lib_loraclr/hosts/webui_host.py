@@ -1,13 +1,14 @@
 """The one interface the tab, the composition script and the REST API use to reach a WebUI.
 
 A1111 and Forge differ in how they hold the model, list LoRAs, merge LoRAs into weights and
-run the sampler; each has a ``WebUIHost`` subclass in ``lib_loraclr.hosts`` and everything
-else is written once against this class.
+run the sampler; each has a ``WebUIHost`` subclass (``a1111.py``, ``forge.py``) and
+everything in ``lib_loraclr.webui`` is written once against this class.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator
@@ -125,14 +126,40 @@ class WebUIHost:
             return None
 
 
-def current_host() -> WebUIHost:
-    """Forge if its backend is importable, else A1111 (never by version strings or git tags)."""
+class UnsupportedWebUI(RuntimeError):
+    """A WebUI fork whose internals LoRACLR was not written against (Forge 1, reForge...)."""
+
+
+def _has_module(name: str) -> bool:
     try:
-        import modules_forge  # noqa: F401
-    except ImportError:
-        from ..hosts.a1111 import A1111Host
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def host_kind() -> str:
+    """"a1111" or "forge" (Forge 2), from the code the WebUI ships, never version strings.
+
+    Forge 1 and reForge also ship ``modules_forge`` (reForge even reports version 2.0), but
+    they run ComfyUI's ``ldm_patched`` model code; Forge 2 replaced it with ``backend``.
+    """
+    if not _has_module("modules_forge"):
+        return "a1111"
+    if _has_module("backend.diffusion_engine") and not _has_module("ldm_patched"):
+        return "forge"
+    fork = "reForge" if _has_module("backend") else "Forge 1"
+    raise UnsupportedWebUI(
+        f"LoRACLR supports AUTOMATIC1111 1.10 and Forge 2.0; this WebUI looks like {fork} "
+        "(modules_forge with ldm_patched), whose model internals differ"
+    )
+
+
+def current_host() -> WebUIHost:
+    """The host running us: Forge 2 or A1111 (``host_kind``); raises ``UnsupportedWebUI`` otherwise."""
+    if host_kind() == "a1111":
+        from .a1111 import A1111Host
 
         return A1111Host()
-    from ..hosts.forge import ForgeHost
+    from .forge import ForgeHost
 
     return ForgeHost()
