@@ -65,6 +65,45 @@ def _denoiser(model: ModelAccess, cond: Conditioning, uncond: Conditioning | Non
     return denoise
 
 
+SAMPLERS = ("dpmpp_2m", "euler")
+
+# step(i, x, sigma, timestep) -> (x, denoised): the (possibly updated) latent and its predicted x0
+Step = Callable[[int, torch.Tensor, float, int], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def sample_steps(
+    x: torch.Tensor,
+    sigmas: Sequence[float],
+    timesteps: torch.Tensor,
+    step: Step,
+    *,
+    sampler: str = "dpmpp_2m",
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """The one sampler loop: DPM-Solver++(2M) (or Euler) from ``x`` at ``sigmas[0]`` to sigma 0.
+
+    ``step`` may return a changed latent (CLoRA's latent update): the solver continues from it.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    steps = len(timesteps)
+    previous_denoised = None
+    for i in range(steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x, denoised = step(i, x, sigma, int(timesteps[i]))
+        ratio = sigma_next / sigma  # exp(-h), h = log(sigma / sigma_next)
+        if sampler == "euler" or previous_denoised is None or sigma_next == 0:
+            estimate = denoised
+        else:
+            r = math.log(sigmas[i - 1] / sigma) / math.log(sigma / sigma_next)  # h_last / h
+            estimate = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * previous_denoised
+        x = ratio * x + (1 - ratio) * estimate
+        previous_denoised = denoised
+        if callback is not None:
+            callback(i, steps)
+    return x
+
+
 @torch.no_grad()
 def sample(
     model: ModelAccess,
@@ -108,21 +147,8 @@ def sample(
         raise ValueError(f"got {len(seed)} seeds for {batch} rows")
     # std of x0 + sigma_max * noise for unit-variance latents
     x = noise.to(model.device) * (1.0 + sigmas[0] ** 2) ** 0.5
-    previous_denoised = None
-    for i in range(steps):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise(x, sigma, int(timesteps[i]))
-        ratio = sigma_next / sigma  # exp(-h), h = log(sigma / sigma_next)
-        if previous_denoised is None or sigma_next == 0:
-            estimate = denoised
-        else:
-            r = math.log(sigmas[i - 1] / sigma) / math.log(sigma / sigma_next)  # h_last / h
-            estimate = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * previous_denoised
-        x = ratio * x + (1 - ratio) * estimate
-        previous_denoised = denoised
-        if callback is not None:
-            callback(i, steps)
-    return x
+    return sample_steps(x, sigmas, timesteps, lambda _i, x, sigma, timestep: (x, denoise(x, sigma, timestep)),
+                        callback=callback)
 
 
 @torch.no_grad()

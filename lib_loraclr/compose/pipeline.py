@@ -9,7 +9,6 @@ updates diffusers' latents); x is rescaled from the updated z before the solver 
 from __future__ import annotations
 
 import io
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from ..lora.reader import read_lora
 from ..lora.writer import check_output_files, write_files
 from ..model import at_least_float32
 from ..runtime import LoraRuntime
-from ..sampling import decode_latents, initial_noise, sigmas_for, trailing_timesteps
+from ..sampling import SAMPLERS, decode_latents, initial_noise, sample_steps, sigmas_for, trailing_timesteps
 from ..validation import InputError, Seed, checked, integer
 from .attention import cross_attention_modules
 from .concepts import ConceptPlan, LoraConcept, plan_concepts
@@ -32,7 +31,6 @@ from .fusion import pass_lora_sets
 from .overlay import overlay_sheet
 from .settings import ComposeSettings
 
-SAMPLERS = ("dpmpp_2m", "euler")
 # ComposeSettings fields whose CLI option is not "--" + the field name with dashes.
 _SETTING_OPTIONS = {"--guidance-scale": "--guidance", "--attention-res-divisor": "--attention-divisor",
                     "--use-latent-update": "--no-latent-update", "--use-masks": "--no-masks"}
@@ -106,7 +104,7 @@ class CLoRAPipeline:
         return ComposeResult(images, latents, masks, plan)
 
     def _sample(self, engine, conditioning, steps, seed, height, width, sampler, callback):
-        """DPM++(2M) or Euler over trailing timesteps, CLoRA's step in place of the UNet call."""
+        """The engine's sampler (``sampling.sample_steps``), CLoRA's step in place of the UNet call."""
         model = self.model
         timesteps = trailing_timesteps(len(model.alphas_cumprod), steps)
         sigmas = sigmas_for(model.alphas_cumprod, timesteps).tolist()
@@ -114,26 +112,18 @@ class CLoRAPipeline:
                  width // model.vae_scale_factor)
         x = initial_noise(shape, seed).to(model.device, torch.promote_types(model.dtype, torch.float32))
         x = x * (1.0 + sigmas[0] ** 2) ** 0.5
-        previous_denoised, masks = None, None
-        for i in range(steps):
-            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        masks = None
+
+        def step(i, x, sigma, timestep):
+            nonlocal masks
             input_scale = (1.0 + sigma**2) ** -0.5
-            timestep = torch.tensor(int(timesteps[i]), device=model.device)
-            model_input = (x * input_scale).to(model.dtype)
-            result = engine.step(i, model_input, timestep, conditioning, model.unet_eps)
-            x = at_least_float32(result.latent) / input_scale
-            denoised = x - sigma * result.prediction
+            result = engine.step(i, (x * input_scale).to(model.dtype),
+                                 torch.tensor(timestep, device=model.device), conditioning, model.unet_eps)
             masks = result.masks
-            ratio = sigma_next / sigma  # exp(-h)
-            if sampler == "euler" or previous_denoised is None or sigma_next == 0:
-                estimate = denoised
-            else:
-                r = math.log(sigmas[i - 1] / sigma) / math.log(sigma / sigma_next)
-                estimate = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * previous_denoised
-            x = ratio * x + (1 - ratio) * estimate
-            previous_denoised = denoised
-            if callback is not None:
-                callback(i, steps)
+            x = at_least_float32(result.latent) / input_scale
+            return x, x - sigma * result.prediction
+
+        x = sample_steps(x, sigmas, timesteps, step, sampler=sampler, callback=callback)
         return x, masks
 
 
