@@ -16,6 +16,14 @@ The tiny model: ``backend.diffusion_engine.sd15.StableDiffusion`` around an
 ``using_forge_operations`` (Linear/Conv2d/GroupNorm/LayerNorm are ForgeOperations classes), a
 tiny transformers CLIPTextModel (hidden 32, 2 layers; modules replaced by ForgeOperations ones)
 and a 1x1-conv stand-in VAE. Weights are seeded random (cached per seed as plain state dicts).
+
+``ForgeHost(dir, arch="sdxl")``: ``backend.diffusion_engine.sdxl.StableDiffusionXL`` (see that
+file) around an ADM UNet in SDXL's layout (channel_mult (1, 2, 4), no attention in the first level,
+transformer depth 1 / 2 where SDXL has 2 / 10, linear projections, ``label_emb`` on
+adm_in_channels = 64 pooled + 6 * 256 size ids, context 96 = clip_l 32 + clip_g 64), clip_l and
+clip_g built as Forge's backend/loader.py builds them (``IntegratedCLIP(CLIPTextModel, config,
+add_text_projection=True)``; clip_g's text_projection has weights), tokenizer_2 padding with "!",
+VAE scaling 0.13025. ``ForgeHost`` accepts ``arch`` itself and passes on only A1111Host's keywords.
 """
 from __future__ import annotations
 
@@ -40,6 +48,18 @@ UNET_CONFIG = dict(in_channels=4, model_channels=32, out_channels=4, num_res_blo
                    use_spatial_transformer=True, transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
                    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], context_dim=32, use_linear_in_transformer=False)
 
+# SDXL's layout (huggingface_guess SDXL: model_channels 320, channel_mult [1, 2, 4], num_head_channels 64,
+# transformer_depth [0, 0, 2, 2, 10, 10], output [0, 0, 0, 2, 2, 2, 10, 10, 10], middle 10, linear proj,
+# context_dim 2048, adm_in_channels 2816 = 1280 pooled + 6 * 256 size ids), scaled down: no attention in the
+# first level, depth 1 in the second, 2 in the third and the middle; context = clip_l 32 + clip_g 64.
+SDXL_CLIP_L_WIDTH = 32
+SDXL_CLIP_G_WIDTH = 64
+SDXL_UNET_CONFIG = dict(in_channels=4, model_channels=32, out_channels=4, num_res_blocks=2, channel_mult=(1, 2, 4), num_heads=-1,
+                        num_head_channels=32, num_classes="sequential", adm_in_channels=SDXL_CLIP_G_WIDTH + 6 * 256,
+                        use_spatial_transformer=True, transformer_depth=[0, 0, 1, 1, 2, 2], transformer_depth_middle=2,
+                        transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2], context_dim=SDXL_CLIP_L_WIDTH + SDXL_CLIP_G_WIDTH,
+                        use_linear_in_transformer=True)
+
 SCHEDULER_CONFIG = dict(prediction_type="epsilon", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                         num_train_timesteps=1000)
 
@@ -59,6 +79,15 @@ class EstimatedConfig:
     """What huggingface_guess gives StableDiffusion (model_config): SD15, not inpaint."""
     huggingface_repo = "runwayml/stable-diffusion-v1-5"
     unet_config = UNET_CONFIG
+
+    def inpaint_model(self):
+        return False
+
+
+class EstimatedConfigXL:
+    """What huggingface_guess gives StableDiffusionXL (model_list.SDXL), not inpaint."""
+    huggingface_repo = "stabilityai/stable-diffusion-xl-base-1.0"
+    unet_config = SDXL_UNET_CONFIG
 
     def inpaint_model(self):
         return False
@@ -137,9 +166,86 @@ def build_tiny_forge_sd1(seed: int = 0):
     return model
 
 
+def _pristine_sdxl(seed):
+    """Plain state dicts for the SDXL stand-in's UNet, VAE and clip_g text_projection of this seed."""
+    key = ("sdxl", seed)
+    if key not in _PRISTINE:
+        from backend.nn.unet import IntegratedUNet2DConditionModel
+        from backend.nn.vae import IntegratedAutoencoderKL
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet = IntegratedUNet2DConditionModel(**SDXL_UNET_CONFIG)
+            vae = IntegratedAutoencoderKL(scaling_factor=0.13025)
+        g = torch.Generator().manual_seed(seed + 1234)
+        with torch.no_grad():
+            for conv in (vae.decoder_conv, vae.encoder_conv):
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.5)
+                conv.bias.zero_()
+            projection = torch.randn(SDXL_CLIP_G_WIDTH, SDXL_CLIP_G_WIDTH, generator=g) / SDXL_CLIP_G_WIDTH ** 0.5
+        _PRISTINE[key] = ({k: v.clone() for k, v in unet.state_dict().items()}, {k: v.clone() for k, v in vae.state_dict().items()},
+                          {"weight": projection})
+    return _PRISTINE[key]
+
+
+@torch.inference_mode()
+def build_tiny_forge_sdxl(seed: int = 0):
+    """StableDiffusionXL (Forge engine object) with every weight loaded under inference_mode.
+
+    As Forge's backend/loader.py builds SDXL: the UNet inside ``using_forge_operations``; BOTH text
+    encoders as ``IntegratedCLIP(CLIPTextModel, config, add_text_projection=True)`` under
+    ``using_forge_operations(manual_cast_enabled=True)`` (text_encoder_2 is a CLIPTextModelWithProjection
+    in the diffusers repo, but Forge builds a CLIPTextModel and hangs ``text_projection`` on it; its
+    weight comes from the checkpoint for clip_g, stays None for clip_l); ``tokenizer_2`` pads with "!"
+    (id 0) as SDXL's does.
+    """
+    from transformers import CLIPTokenizer
+    from backend import memory_management
+    from backend.diffusion_engine.sdxl import StableDiffusionXL
+    from backend.nn.clip import IntegratedCLIP
+    from backend.nn.unet import IntegratedUNet2DConditionModel
+    from backend.nn.vae import IntegratedAutoencoderKL
+    from backend.operations import using_forge_operations
+
+    unet_sd, vae_sd, projection_sd = _pristine_sdxl(seed)
+    with using_forge_operations(device=memory_management.cpu, dtype=torch.float32):
+        unet = IntegratedUNet2DConditionModel(**SDXL_UNET_CONFIG)
+        vae = IntegratedAutoencoderKL(scaling_factor=0.13025)
+    unet.load_state_dict(unet_sd, strict=False)
+    vae.load_state_dict(vae_sd, strict=False)
+    unet.storage_dtype = unet.computation_dtype = unet.dtype = torch.float32
+    unet.load_device = unet.offload_device = unet.initial_device = memory_management.cpu
+
+    encoders = {}
+    with torch.random.fork_rng(devices=[]):
+        for name, width, seed_offset in (("clip_l", SDXL_CLIP_L_WIDTH, 1), ("clip_g", SDXL_CLIP_G_WIDTH, 2)):
+            text_model = _ldm_tiny._make_clip_text_model(width=width, seed=seed + seed_offset)
+            text_model = _to_forge_operations(text_model, manual_cast_enabled=True)
+            with using_forge_operations(device=memory_management.cpu, dtype=torch.float32, manual_cast_enabled=True):
+                encoders[name] = IntegratedCLIP(lambda config, m=text_model: m, text_model.config, add_text_projection=True)
+    encoders["clip_g"].transformer.text_projection.load_state_dict(projection_sd)
+    tokenizer = CLIPTokenizer.from_pretrained(_ldm_tiny.TOKENIZER_DIR)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(_ldm_tiny.TOKENIZER_DIR, pad_token="!")
+    scheduler = types.SimpleNamespace(config=types.SimpleNamespace(**SCHEDULER_CONFIG))
+
+    return StableDiffusionXL(EstimatedConfigXL(), dict(unet=unet.eval(), vae=vae.eval(), text_encoder=encoders["clip_l"].eval(),
+                                                       text_encoder_2=encoders["clip_g"].eval(), tokenizer=tokenizer,
+                                                       tokenizer_2=tokenizer_2, scheduler=scheduler))
+
+
+ARCHS = {"sd1": ("tiny-sd1", build_tiny_forge_sd1), "sdxl": ("tiny-sdxl", build_tiny_forge_sdxl)}
+
+
 class ForgeHost(A1111Host):
     """The Forge stand-in: its own start/stop, model loading and layer lookups; scripts, UI and
-    generation driven as ``A1111Host`` does (Forge keeps those parts of A1111)."""
+    generation driven as ``A1111Host`` does (Forge keeps those parts of A1111).
+
+    ``arch``: "sd1" (``StableDiffusion``) or "sdxl" (``StableDiffusionXL``: clip_l + clip_g, ADM UNet)."""
+
+    def __init__(self, data_dir: str, *, arch: str = "sd1", **kwargs):
+        if arch not in ARCHS:
+            raise ValueError(f"the Forge stand-in builds {sorted(ARCHS)}, not {arch!r}")
+        super().__init__(data_dir, **kwargs)  # A1111Host's own keywords only (seed, threads)
+        self.arch = arch
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -220,16 +326,17 @@ class ForgeHost(A1111Host):
 
         ckpt_dir = os.path.join(self.data_dir, "models", "Stable-diffusion")
         os.makedirs(ckpt_dir, exist_ok=True)
-        ckpt = os.path.join(ckpt_dir, "tiny-sd1.safetensors")
+        name, build = ARCHS[self.arch]
+        ckpt = os.path.join(ckpt_dir, f"{name}.safetensors")
         if not os.path.exists(ckpt):
-            save_file({"seed": torch.tensor([self.seed])}, ckpt, metadata={"harness": "tiny forge sd1 stand-in"})
+            save_file({"seed": torch.tensor([self.seed])}, ckpt, metadata={"harness": f"tiny forge {self.arch} stand-in"})
         info = sd_models.CheckpointInfo(ckpt)
         info.calculate_shorthash()
         info.register()
         shared.opts.data["sd_model_checkpoint"] = info.title
 
         def loader():
-            sd_model = build_tiny_forge_sd1(self.seed)
+            sd_model = build(self.seed)
             sd_model.extra_generation_params = {}
             sd_model.comments = []
             sd_model.sd_checkpoint_info = info
@@ -265,6 +372,11 @@ class ForgeHost(A1111Host):
     def text_encoder(self):
         """``forge_objects.clip.cond_stage_model.clip_l`` (IntegratedCLIP; ``.transformer`` is the CLIPTextModel)."""
         return self.sd_model.forge_objects_original.clip.cond_stage_model.clip_l
+
+    @property
+    def text_encoder_2(self):
+        """SDXL: ``forge_objects.clip.cond_stage_model.clip_g`` (IntegratedCLIP)."""
+        return self.sd_model.forge_objects_original.clip.cond_stage_model.clip_g
 
     def parameter_for_kohya_key(self, kohya_module_name: str):
         """(patcher, parameter key) Forge's own key maps give a kohya module name (no ``.lora_up.weight``)."""

@@ -18,6 +18,11 @@ Written for the harness (not copied), following Forge's layout and behaviour:
   ``(block_name, number)`` and calls ``fn(q, k, v, extra_options)`` on the projected tensors,
   then ``attn*_output_patch``; residuals are added IN PLACE (``x += n``) as in Forge, so a
   backward pass through a block fails on inference tensors / version counters.
+- SDXL (Forge's backend/nn/unet.py): ``num_classes="sequential"`` with ``adm_in_channels`` builds
+  ``label_emb = Sequential(Sequential(Linear(adm, 4*mc), SiLU, Linear(4*mc, 4*mc)))`` right after
+  ``time_embed``; ``forward`` asserts ``(y is not None) == (num_classes is not None)`` and adds
+  ``label_emb(y)`` to the time embedding. ``Timestep(dim)`` is the sinusoidal embedder sdxl.py
+  uses for the six size/crop ids.
 """
 import math
 
@@ -75,6 +80,15 @@ def timestep_embedding(timesteps, dim, max_period=10000, repeat_only=False):
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
     return embedding
+
+
+class Timestep(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t):
+        return timestep_embedding(t, self.dim)
 
 
 class TimestepBlock(nn.Module):
@@ -393,7 +407,7 @@ class IntegratedUNet2DConditionModel(nn.Module):
             num_attention_blocks=num_attention_blocks, disable_middle_self_attn=disable_middle_self_attn,
             use_linear_in_transformer=use_linear_in_transformer, adm_in_channels=adm_in_channels,
             transformer_depth_middle=transformer_depth_middle, transformer_depth_output=list(transformer_depth_output))
-        assert num_classes is None, "the harness builds SD1 only"
+        assert num_classes in (None, "sequential"), "the harness builds SD1 (no ADM) and SDXL (sequential ADM) only"
         self.in_channels = in_channels
         self.model_channels = model_channels
         self.out_channels = out_channels
@@ -409,6 +423,10 @@ class IntegratedUNet2DConditionModel(nn.Module):
         self.num_head_channels = num_head_channels
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim))
+        if self.num_classes == "sequential":
+            assert adm_in_channels is not None
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(adm_in_channels, time_embed_dim), nn.SiLU(),
+                                                         nn.Linear(time_embed_dim, time_embed_dim)))
 
         def heads_for(ch):
             if num_head_channels == -1:
@@ -464,9 +482,13 @@ class IntegratedUNet2DConditionModel(nn.Module):
         transformer_options["transformer_index"] = 0
         transformer_patches = transformer_options.get("patches", {})
         block_modifiers = transformer_options.get("block_modifiers", [])
+        assert (y is not None) == (self.num_classes is not None)
         hs = []
         t_emb = timestep_embedding(timesteps, self.model_channels, repeat_only=False).to(x.dtype)
         emb = self.time_embed(t_emb)
+        if self.num_classes is not None:
+            assert y.shape[0] == x.shape[0]
+            emb = emb + self.label_emb(y)
         h = x
         for id, module in enumerate(self.input_blocks):
             transformer_options["block"] = ("input", id)

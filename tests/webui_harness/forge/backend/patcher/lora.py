@@ -6,7 +6,8 @@ Behaviour kept from Forge: ``model_lora_keys_unet(kmodel)`` maps kohya names of 
 ``...processor.to_k``) and plain ``diffusion_model.<path>`` to parameter keys
 ``diffusion_model.<ldm path>.weight``. ``model_lora_keys_clip(joint_text_encoder)`` maps
 ``lora_te_text_model_encoder_layers_N_<attn|mlp>``, ``lora_te1_...`` and
-``text_encoder.text_model.encoder.layers.N.<...>`` to ``clip_l.transformer.text_model...weight``.
+``text_encoder.text_model.encoder.layers.N.<...>`` to ``clip_l.transformer.text_model...weight``;
+SDXL's clip_g: ``lora_te2_...`` / ``text_encoder_2.text_model...`` to ``clip_g.transformer...weight``.
 ``load_lora(sd, key_map)`` -> (patches, unmatched keys). ``LoraLoader.refresh`` runs under
 ``torch.inference_mode()``, backs up the original Parameters, and REPLACES each patched
 parameter by a new ``Parameter(merged, requires_grad=False)`` (an inference tensor); when the
@@ -61,6 +62,11 @@ def unet_to_diffusers(unet_config):
 
     pairs += [("conv_in", "input_blocks.0.0"), ("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
               ("conv_norm_out", "out.0"), ("conv_out", "out.2")]
+    if unet_config.get("num_classes") is not None:
+        # comfy's UNET_MAP_BASIC: label_emb as diffusers' class_embedding / add_embedding (SDXL's
+        # ADM). Comfy lists them for every UNet; the harness only where label_emb exists.
+        pairs += [("class_embedding.linear_1", "label_emb.0.0"), ("class_embedding.linear_2", "label_emb.0.2"),
+                  ("add_embedding.linear_1", "label_emb.0.0"), ("add_embedding.linear_2", "label_emb.0.2")]
     n = 1
     for level in range(len(channel_mult)):
         for j in range(num_res_blocks[level]):
@@ -119,14 +125,34 @@ def model_lora_keys_unet(model, key_map={}):
 
 
 def model_lora_keys_clip(model, key_map={}):
+    """As Forge's packages_3rdparty/comfyui_lora_collection/lora.py: clip_l gets ``lora_te_`` /
+    ``lora_te1_`` / ``text_encoder.``; clip_g, when clip_l is present (SDXL base), gets ``lora_te2_``
+    / ``text_encoder_2.`` (without clip_l, as the SDXL refiner: ``lora_te_`` / ``text_encoder.`` /
+    ``lora_prior_te_``); ``clip_g.transformer.text_projection`` -> ``lora_te2_text_projection`` and
+    ``lora_prior_te_text_projection``."""
     sdk = model.state_dict().keys()
+    clip_l_present = False
     for b in range(32):
         for c, lora_c in LORA_CLIP_MAP.items():
             k = f"clip_l.transformer.text_model.encoder.layers.{b}.{c}.weight"
             if k in sdk:
                 key_map[f"lora_te_text_model_encoder_layers_{b}_{lora_c}"] = k
                 key_map[f"lora_te1_text_model_encoder_layers_{b}_{lora_c}"] = k
+                clip_l_present = True
                 key_map[f"text_encoder.text_model.encoder.layers.{b}.{c}"] = k
+            k = f"clip_g.transformer.text_model.encoder.layers.{b}.{c}.weight"
+            if k in sdk:
+                if clip_l_present:
+                    key_map[f"lora_te2_text_model_encoder_layers_{b}_{lora_c}"] = k
+                    key_map[f"text_encoder_2.text_model.encoder.layers.{b}.{c}"] = k
+                else:
+                    key_map[f"lora_te_text_model_encoder_layers_{b}_{lora_c}"] = k
+                    key_map[f"text_encoder.text_model.encoder.layers.{b}.{c}"] = k
+                    key_map[f"lora_prior_te_text_model_encoder_layers_{b}_{lora_c}"] = k
+    k = "clip_g.transformer.text_projection.weight"
+    if k in sdk:
+        key_map["lora_prior_te_text_projection"] = k
+        key_map["lora_te2_text_projection"] = k
     k = "clip_l.transformer.text_projection.weight"
     if k in sdk:
         key_map["lora_te1_text_projection"] = k

@@ -1,10 +1,12 @@
-"""backend.text_processing.classic_engine.ClassicTextProcessingEngine (SD1 CLIP-L path).
+"""backend.text_processing.classic_engine.ClassicTextProcessingEngine (SD1 CLIP-L, SDXL CLIP-L / CLIP-G paths).
 
 Chunks of 75 tokens + BOS/EOS (comma backtrack 20, ``BREAK``), emphasis multipliers, the CLIP
-transformer called with ``output_hidden_states=True``, hidden state ``-max(clip_skip, 1)``, then
-``final_layer_norm``; chunks are concatenated along the token axis: SD1 returns a plain tensor
-(B, 77*k, C). The engine wraps ``text_model.embeddings.token_embedding`` in
-``CLIPEmbeddingForTextualInversion`` (``.wrapped``), as Forge does.
+transformer called with ``output_hidden_states=True``, hidden state
+``-max(clip_skip, minimal_clip_skip)``, then ``final_layer_norm`` when enabled; chunks are concatenated along the token axis: SD1 returns a plain tensor
+(B, 77*k, C). With ``return_pooled`` (SDXL's clip_g) it returns ``(z, pooled)``: the
+transformer's ``pooler_output`` (final_layer_norm at the end token), through
+``transformer.text_projection`` when ``text_projection=True``. The engine wraps
+``text_model.embeddings.token_embedding`` in ``CLIPEmbeddingForTextualInversion`` (``.wrapped``), as Forge does.
 """
 import math
 from collections import namedtuple
@@ -81,7 +83,10 @@ class ClassicTextProcessingEngine:
         if self.final_layer_norm:
             z = self.text_encoder.transformer.text_model.final_layer_norm(z)
         if self.return_pooled:
-            z.pooled = outputs.pooler_output
+            pooled_output = outputs.pooler_output
+            if self.text_projection:
+                pooled_output = self.text_encoder.transformer.text_projection(pooled_output)
+            z.pooled = pooled_output
         return z
 
     def tokenize_line(self, line):
