@@ -435,3 +435,251 @@ def test_ui_args_and_app_routes(forge, tmp_path):
     client = TestClient(forge.app_started(demo))
     assert client.post("/sdapi/v1/refresh-loras").status_code == 200
     assert [x["name"] for x in client.get("/sdapi/v1/loras").json()] == ["tiny"]
+
+
+# ------------------------------------------------------------------------------ SDXL stand-in
+# Facts checked against Forge (lllyasviel/stable-diffusion-webui-forge): backend/diffusion_engine/sdxl.py,
+# backend/loader.py, backend/nn/unet.py, backend/text_processing/classic_engine.py,
+# backend/sampling/condition.py, packages_3rdparty/comfyui_lora_collection/lora.py.
+
+SDXL_TE2_Q = "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj"
+SDXL_TE1_Q = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+SDXL_UNET_K = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+
+
+def _size_embedding(values, dim=256):
+    """Forge's Timestep(256) for each size id, written out: cat(cos(v * f), sin(v * f)), f = 10000^(-i/128)."""
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(dim // 2, dtype=torch.float32) / (dim // 2))
+    return torch.cat([torch.cat([torch.cos(v * freqs), torch.sin(v * freqs)]) for v in values])
+
+
+def _tokens(tokenizer, text, pad_id):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor([[tokenizer.bos_token_id] + ids + [tokenizer.eos_token_id] + [pad_id] * (75 - len(ids))])
+
+
+def test_sdxl_model_is_forge_shaped(forge_sdxl):
+    from modules import shared
+    from backend.nn.unet import IntegratedUNet2DConditionModel, SpatialTransformer
+    from backend.operations import ForgeOperations
+    from backend.patcher.unet import UnetPatcher
+
+    sd_model = shared.sd_model
+    assert forge_sdxl.arch == "sdxl"
+    assert type(sd_model).__name__ == "StableDiffusionXL" and type(sd_model).__module__ == "backend.diffusion_engine.sdxl"
+    assert sd_model.is_sdxl and not sd_model.is_sd1 and not sd_model.is_sd2 and not sd_model.is_sd3
+    assert sd_model.cond_stage_model is None and not hasattr(sd_model, "model")
+    unet_patcher = sd_model.forge_objects.unet
+    assert isinstance(unet_patcher, UnetPatcher) and type(unet_patcher.model).__name__ == "KModel"
+    unet = unet_patcher.model.diffusion_model
+    assert isinstance(unet, IntegratedUNet2DConditionModel) and unet.num_classes == "sequential"
+    # SDXL's layout: 9 input blocks (3 levels), no attention in the first level (nor in the last 3 output blocks)
+    assert len(unet.input_blocks) == 9 and len(unet.output_blocks) == 9 and list(unet.channel_mult) == [1, 2, 4]
+    with_attention = [f"input_blocks.{i}" for i, b in enumerate(unet.input_blocks) if any(isinstance(m, SpatialTransformer) for m in b)]
+    with_attention += [f"output_blocks.{i}" for i, b in enumerate(unet.output_blocks) if any(isinstance(m, SpatialTransformer) for m in b)]
+    assert with_attention == ["input_blocks.4", "input_blocks.5", "input_blocks.7", "input_blocks.8",
+                              "output_blocks.0", "output_blocks.1", "output_blocks.2", "output_blocks.3", "output_blocks.4",
+                              "output_blocks.5"]
+    attn2 = [n for n, m in unet.named_modules() if n.endswith("attn2")]
+    assert attn2[0] == "input_blocks.4.1.transformer_blocks.0.attn2" and "middle_block.1.transformer_blocks.1.attn2" in attn2
+    assert unet.input_blocks[4][1].use_linear and type(unet.input_blocks[4][1].proj_in) is ForgeOperations.Linear
+    cross = unet.input_blocks[7][1].transformer_blocks[0].attn2
+    assert cross.heads == 4 and cross.dim_head == 32 and cross.to_k.weight.shape == (128, 96)  # context = 32 (L) + 64 (G)
+    # label_emb: Sequential(Sequential(Linear(adm, 4*mc), SiLU, Linear(4*mc, 4*mc))), adm = pooled (64) + 6 * 256
+    adm = unet.label_emb[0]
+    assert type(adm[0]) is ForgeOperations.Linear and type(adm[1]) is torch.nn.SiLU and type(adm[2]) is ForgeOperations.Linear
+    assert adm[0].weight.shape == (128, 64 + 6 * 256) and adm[2].weight.shape == (128, 128)
+    assert unet.config.adm_in_channels == 1600
+    assert all(p.is_inference() for p in unet.parameters())
+
+    clip = sd_model.forge_objects.clip
+    clip_l, clip_g = clip.cond_stage_model.clip_l, clip.cond_stage_model.clip_g
+    assert type(clip_l).__name__ == type(clip_g).__name__ == "IntegratedCLIP"
+    assert clip_l.transformer.config.hidden_size == 32 and clip_g.transformer.config.hidden_size == 64
+    q = clip_g.transformer.text_model.encoder.layers[0].self_attn.q_proj
+    assert type(q) is ForgeOperations.Linear and q.weight.is_inference() and q.parameters_manual_cast
+    # both are built with add_text_projection=True; only clip_g's checkpoint has the projection weight
+    assert clip_l.transformer.text_projection.weight is None
+    assert clip_g.transformer.text_projection.weight.shape == (64, 64) and clip_g.transformer.text_projection.weight.is_inference()
+    assert clip.tokenizer.clip_l.pad_token_id == clip.tokenizer.clip_l.eos_token_id == 49407
+    assert clip.tokenizer.clip_g.pad_token_id == 0  # SDXL's tokenizer_2 pads with "!"
+    keys = clip.cond_stage_model.state_dict().keys()
+    assert "clip_g.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight" in keys
+    assert "clip_g.transformer.text_projection.weight" in keys
+
+    engine_l, engine_g = sd_model.text_processing_engine_l, sd_model.text_processing_engine_g
+    assert engine_l.text_encoder is clip_l and engine_g.text_encoder is clip_g
+    assert (engine_l.clip_skip, engine_l.minimal_clip_skip, engine_l.final_layer_norm, engine_l.return_pooled, engine_l.text_projection) \
+        == (2, 2, False, False, False)
+    assert (engine_g.clip_skip, engine_g.minimal_clip_skip, engine_g.final_layer_norm, engine_g.return_pooled, engine_g.text_projection) \
+        == (2, 2, False, True, True)
+    assert (engine_l.embedding_key, engine_g.embedding_key) == ("clip_l", "clip_g")
+    sd_model.set_clip_skip(3)
+    assert engine_l.clip_skip == engine_g.clip_skip == 3
+    sd_model.set_clip_skip(2)
+    assert type(sd_model.embedder).__name__ == "Timestep" and sd_model.embedder.dim == 256
+    assert sd_model.sd_checkpoint_info.name_for_extra == "tiny-sdxl"
+    assert sd_model.forge_objects.vae.first_stage_model.scaling_factor == 0.13025
+
+
+def test_sdxl_learned_conditioning_as_forge(forge_sdxl):
+    from modules import prompt_parser
+    sd_model = forge_sdxl.sd_model
+    clip = sd_model.forge_objects.clip
+    clip_l, clip_g = clip.cond_stage_model.clip_l, clip.cond_stage_model.clip_g
+
+    cond = sd_model.get_learned_conditioning(prompt_parser.SdConditioning(["a cat"], width=64, height=96))
+    assert set(cond) == {"crossattn", "vector"}
+    assert cond["crossattn"].shape == (1, 77, 96) and cond["vector"].shape == (1, 64 + 6 * 256)
+    assert cond["crossattn"].is_inference() and cond["vector"].is_inference()
+
+    # independently: penultimate hidden states (no final layer norm), clip_g's pooled output through text_projection
+    with torch.inference_mode():
+        out_l = clip_l.transformer(_tokens(clip.tokenizer.clip_l, "a cat", 49407), output_hidden_states=True)
+        out_g = clip_g.transformer(_tokens(clip.tokenizer.clip_g, "a cat", 0), output_hidden_states=True)
+        pooled = clip_g.transformer.text_projection(out_g.pooler_output)
+    torch.testing.assert_close(cond["crossattn"][..., :32], out_l.hidden_states[-2])
+    torch.testing.assert_close(cond["crossattn"][..., 32:], out_g.hidden_states[-2])
+    torch.testing.assert_close(cond["vector"][:, :64], pooled)
+    # the six ids, in sdxl.py's order: height, width, crop_h, crop_w, target_height, target_width
+    torch.testing.assert_close(cond["vector"][0, 64:], _size_embedding([96, 64, 0, 0, 96, 64]))
+
+    # a plain list (no SdConditioning attributes): 1024 x 1024
+    plain = sd_model.get_learned_conditioning(["a cat", "a dog"])
+    assert plain["vector"].shape == (2, 1600) and plain["crossattn"].shape == (2, 77, 96)
+    torch.testing.assert_close(plain["vector"][1, 64:], _size_embedding([1024] * 2 + [0, 0] + [1024] * 2))
+    torch.testing.assert_close(plain["crossattn"][0], cond["crossattn"][0])
+
+    # an all-empty NEGATIVE prompt is forced to zeros (text parts only); an empty positive one is not
+    negative = sd_model.get_learned_conditioning(prompt_parser.SdConditioning([""], width=64, height=64, is_negative_prompt=True))
+    assert torch.count_nonzero(negative["crossattn"]) == 0 and torch.count_nonzero(negative["vector"][:, :64]) == 0
+    torch.testing.assert_close(negative["vector"][0, 64:], _size_embedding([64, 64, 0, 0, 64, 64]))
+    positive = sd_model.get_learned_conditioning(prompt_parser.SdConditioning([""], width=64, height=64))
+    assert torch.count_nonzero(positive["crossattn"]) > 0
+
+    # chunks of 75 tokens concatenate along the token axis, for both encoders
+    assert sd_model.get_learned_conditioning([" ".join(["cat"] * 80)])["crossattn"].shape == (1, 154, 96)
+    assert sd_model.get_prompt_lengths_on_ui("a cat") == (2, 75)
+
+
+def test_sdxl_vector_reaches_label_emb(forge_sdxl):
+    from modules import prompt_parser
+    from backend.sampling.condition import compile_conditions
+    sd_model = forge_sdxl.sd_model
+    cond = sd_model.get_learned_conditioning(prompt_parser.SdConditioning(["a cat"], width=64, height=64))
+    uncond = sd_model.get_learned_conditioning(prompt_parser.SdConditioning(["ugly"], width=64, height=64, is_negative_prompt=True))
+    compiled, = compile_conditions(cond)
+    assert set(compiled["model_conds"]) == {"c_crossattn", "y"} and compiled["pooled_output"] is cond["vector"]
+
+    seen = []
+    label_emb = sd_model.forge_objects.unet.model.diffusion_model.label_emb
+    handle = label_emb.register_forward_hook(lambda module, args, output: seen.append(args[0].clone()))
+    try:
+        processed = forge_sdxl.txt2img("a cat", "ugly", steps=2, seed=3)
+    finally:
+        handle.remove()
+    assert processed.images[0].size == (64, 64) and forge_sdxl.errors() == []
+    # one UNet call per step, uncond rows first (Forge's calc_cond_uncond_batch), y = each row's vector
+    assert len(seen) == 2 and all(y.shape == (2, 1600) for y in seen)
+    for y in seen:
+        torch.testing.assert_close(y[0], uncond["vector"][0])
+        torch.testing.assert_close(y[1], cond["vector"][0])
+
+
+def test_sdxl_and_prompt_and_batch(forge_sdxl):
+    processed = forge_sdxl.txt2img("a cat AND a dog:0.5", "", steps=2, seed=4, batch_size=2)
+    assert len(processed.images) == 2 and forge_sdxl.errors() == []
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M"])
+def test_sdxl_txt2img_deterministic_per_seed(forge_sdxl, sampler):
+    import time
+    start = time.perf_counter()
+    first = forge_sdxl.txt2img("a photo of a cat", sampler_name=sampler, steps=2, seed=11)
+    elapsed = time.perf_counter() - start
+    again = forge_sdxl.txt2img("a photo of a cat", sampler_name=sampler, steps=2, seed=11)
+    other = forge_sdxl.txt2img("a photo of a cat", sampler_name=sampler, steps=2, seed=12)
+    assert first.images[0].size == (64, 64) and elapsed < 5
+    assert np.array_equal(pixels(first), pixels(again))
+    assert not np.array_equal(pixels(first), pixels(other))
+    assert np.asarray(first.images[0]).std() > 1
+    assert f"Sampler: {sampler}" in first.info and "Seed: 11" in first.info and "Model: tiny-sdxl" in first.info
+    assert forge_sdxl.errors() == []
+
+
+def _write_sdxl_lora(host, name="tinyxl"):
+    """A kohya SDXL LoRA (alpha 1, rank 2): te1 / te2 q_proj and one UNet attn2.to_k (ldm names: input_blocks_4_1)."""
+    import lora_fixtures as lf
+    targets = [SDXL_TE2_Q, SDXL_TE1_Q, SDXL_UNET_K]
+    shapes = {t: tuple(host.layer_for_kohya_key(lf.kohya_key(t, "sdxl")).weight.shape) for t in targets}
+    modules = {t: lf.lora_factors(shape[0], shape[1], 2, alpha=1.0, seed=10 + i) for i, (t, shape) in enumerate(shapes.items())}
+    path = lf.write_kohya_file(os.path.join(host.lora_dir, f"{name}.safetensors"), modules, "sdxl",
+                               metadata={"ss_output_name": name, "ss_network_module": "networks.lora"})
+    return path, modules
+
+
+def test_sdxl_kohya_keys_map_as_forge(forge_sdxl):
+    import lora_fixtures as lf
+    from backend.patcher.lora import model_lora_keys_clip, model_lora_keys_unet
+    fo = forge_sdxl.sd_model.forge_objects_original
+    assert lf.kohya_key(SDXL_TE2_Q, "sdxl") == "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
+    patcher, key = forge_sdxl.parameter_for_kohya_key("lora_te2_text_model_encoder_layers_0_self_attn_q_proj")
+    assert patcher is fo.clip.patcher and key == "clip_g.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    _, key = forge_sdxl.parameter_for_kohya_key("lora_te1_text_model_encoder_layers_0_self_attn_q_proj")
+    assert key == "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    patcher, key = forge_sdxl.parameter_for_kohya_key(lf.kohya_key(SDXL_UNET_K, "sdxl"))
+    assert patcher is fo.unet and key == "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
+    clip_map = model_lora_keys_clip(fo.clip.cond_stage_model, {})
+    # with clip_l present, lora_te_ names clip_l only; clip_g is te2 / text_encoder_2
+    assert clip_map["lora_te_text_model_encoder_layers_1_mlp_fc1"].startswith("clip_l.")
+    assert clip_map["text_encoder_2.text_model.encoder.layers.1.mlp.fc2"] == "clip_g.transformer.text_model.encoder.layers.1.mlp.fc2.weight"
+    assert clip_map["lora_te2_text_projection"] == "clip_g.transformer.text_projection.weight"
+    assert not any(k.startswith("lora_prior_te_text_model") for k in clip_map)
+    unet_map = model_lora_keys_unet(fo.unet.model, {})
+    assert unet_map["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"] == \
+        "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
+    assert unet_map["lora_unet_add_embedding_linear_1"] == "diffusion_model.label_emb.0.0.weight"
+    assert unet_map["lora_unet_label_emb_0_2"] == "diffusion_model.label_emb.0.2.weight"
+
+
+def test_sdxl_te2_lora_merges_onto_clip_g(forge_sdxl):
+    import networks
+    path, modules = _write_sdxl_lora(forge_sdxl)
+    forge_sdxl.refresh_loras()
+    assert networks.available_networks["tinyxl"].filename == path
+    sd_model = forge_sdxl.sd_model
+    clip_g = forge_sdxl.text_encoder_2
+    q_g = clip_g.transformer.text_model.encoder.layers[0].self_attn.q_proj
+    q_l = forge_sdxl.text_encoder.transformer.text_model.encoder.layers[0].self_attn.q_proj
+    to_k = sd_model.forge_objects_original.unet.model.diffusion_model.input_blocks[4][1].transformer_blocks[0].attn2.to_k
+    originals = (q_g.weight, q_l.weight, to_k.weight)
+    w0 = [w.clone() for w in originals]
+
+    plain = forge_sdxl.txt2img("a cat", seed=5, steps=2)
+    with_lora = forge_sdxl.txt2img("a cat <lora:tinyxl:0.5>", seed=5, steps=2)
+    assert [n.name for n in networks.loaded_networks] == ["tinyxl"]
+    (identifier, patches), = sd_model.forge_objects_after_applying_lora.clip.patcher.lora_patches.items()
+    assert identifier == (path, 0.5, 1.0, False)
+    assert set(patches) == {"clip_g.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+                            "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"}
+    for layer, target, w in zip((q_g, q_l, to_k), (SDXL_TE2_Q, SDXL_TE1_Q, SDXL_UNET_K), w0):
+        factors = modules[target]
+        delta = 0.5 * 0.5 * factors["lora_up.weight"] @ factors["lora_down.weight"]  # multiplier * alpha / rank
+        assert layer.weight.is_inference()
+        torch.testing.assert_close(layer.weight, w + delta)
+    assert q_g.weight is not originals[0]
+    assert 'Lora hashes: "tinyxl: ' in with_lora.info
+    assert not np.array_equal(pixels(plain), pixels(with_lora))
+
+    again = forge_sdxl.txt2img("a cat", seed=5, steps=2)
+    assert networks.loaded_networks == [] and sd_model.current_lora_hash == "[]"
+    assert all(layer.weight is w for layer, w in zip((q_g, q_l, to_k), originals))  # the original Parameters restored
+    assert all(torch.equal(layer.weight, w) for layer, w in zip((q_g, q_l, to_k), w0))
+    assert np.array_equal(pixels(plain), pixels(again))
+    assert forge_sdxl.errors() == []
+
+
+def test_forge_host_arch_keyword(tmp_path):
+    assert ForgeHost(str(tmp_path / "a")).arch == "sd1"
+    with pytest.raises(ValueError):
+        ForgeHost(str(tmp_path / "b"), arch="sd3")
