@@ -151,15 +151,12 @@ def test_cancelled_job_writes_nothing(model, lora_paths, tmp_path):
     started = threading.Event()
 
     def work(progress: Progress):
-        original = progress.listener
-
         def listener(state):
-            original(state)
             if state.stage == "sampling":
                 started.set()
                 progress.cancel()
 
-        progress.listener = listener
+        progress.listeners.append(listener)
         return merge_to_file(model, concepts, MergeSettings(capture_size=SIZE), out, progress=progress)
 
     jobs = JobManager()

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 
 from ..lora.reader import peek_lora
+from ..merge.progress import Progress
 from ..model import ModelAccess
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -89,6 +90,32 @@ class WebUIHost:
         with the queue lock held. The default is for hosts that never change the weights.
         """
         yield self.model()
+
+    @contextlib.contextmanager
+    def busy(self, job: str, progress: Progress) -> Iterator[None]:
+        """Show ``job`` as the WebUI's current job for the block: ``/sdapi/v1/progress`` and the
+        progress bar follow ``progress``, and the Interrupt button cancels it.
+
+        Call with the queue lock held (no generation owns ``shared.state`` then).
+        """
+        from modules import shared
+
+        state = shared.state
+        state.begin(job=job)
+        state.job_count, state.sampling_steps = 1, 1000
+
+        def follow(snapshot):
+            state.sampling_step = round(1000 * snapshot.fraction)
+            state.textinfo = f"{job}: {snapshot.stage} {snapshot.layer}".rstrip()
+            if state.interrupted or state.skipped:
+                progress.cancel()
+
+        progress.listeners.append(follow)
+        try:
+            yield
+        finally:
+            progress.listeners.remove(follow)
+            state.end()
 
     def install_compose(self, p, session):
         """Run ``session`` in place of p's current sampler's CFG denoiser; returns it (``remove()``).

@@ -31,11 +31,11 @@ STAGE_SPAN = {
 
 
 class Progress:
-    """Thread-safe progress sink with a cancel flag; ``listener`` sees every update."""
+    """Thread-safe progress sink with a cancel flag; every listener sees every update."""
 
     def __init__(self, listener=None):
         self.state = ProgressState()
-        self.listener = listener
+        self.listeners = [listener] if listener is not None else []
         self._cancel = threading.Event()
         self._lock = threading.Lock()
 
@@ -45,8 +45,8 @@ class Progress:
         fraction = start + (end - start) * (done / max(total, 1))
         with self._lock:
             self.state = ProgressState(stage, layer, min(max(fraction, 0.0), 1.0), message)
-        if self.listener is not None:
-            self.listener(self.state)
+        for listener in list(self.listeners):
+            listener(self.state)
         if check:
             self.check()
 

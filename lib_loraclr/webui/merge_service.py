@@ -92,7 +92,7 @@ class MergeService:
         host = self.host
 
         def work(progress) -> dict:
-            with host.base_model() as model:
+            with host.busy("LoRACLR merge", progress), host.base_model() as model:
                 summary = merge_to_file(
                     model, concepts, settings, out_path, overwrite=request.overwrite,
                     report_path=report_path_for(out_path), progress=progress,
