@@ -1,6 +1,6 @@
 """Drive the A1111 stand-in: start it, load script files, run txt2img, tear everything down.
 
-    host = A1111Host(tmp_dir)          # nothing imported yet
+    host = A1111Host(tmp_dir)          # nothing imported yet (arch="sdxl": the tiny sgm SDXL model)
     host.start()                       # sys.path, modules.*, built-in Lora, tiny model, before_ui
     host.load_scripts("/work/main")    # an extension folder (its scripts/*.py) or script files
     processed = host.txt2img("a cat <lora:x:1>", sampler_name="Euler", steps=3, seed=1)
@@ -10,6 +10,11 @@ Startup follows the WebUI's order: load_scripts (built-in Lora + the given scrip
 load model (hijack, shared.sd_model, model_loaded callbacks, empty-prompt cond) ->
 before_ui callbacks (registers ExtraNetworkLora) -> runners initialized (txt2img / img2img).
 ``build_ui()`` (gradio only) creates the AlwaysVisible scripts' controls and the ui_tabs.
+
+``arch="sdxl"`` loads ``webui_harness.sgm_tiny.build_tiny_sdxl`` instead, the way the real
+loader handles an SDXL checkpoint: set_model_type (is_sdxl), sd_models_xl.extend_sdxl
+(alphas_cumprod, parameterization, ``conditioner.wrapped``), then the SDXL hijack (embedders
+wrapped, ``cond_stage_model`` = the conditioner).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import types
 import torch
 
 from webui_harness import ldm_tiny as _ldm_tiny
+from webui_harness import sgm_tiny as _sgm_tiny
 
 HARNESS_DIR = os.path.dirname(os.path.abspath(__file__))
 A1111_ROOT = os.path.join(HARNESS_DIR, "a1111")
@@ -28,7 +34,7 @@ LORA_EXT_DIR = os.path.join(A1111_ROOT, "extensions-builtin", "Lora")
 LORA_SCRIPT = os.path.join(LORA_EXT_DIR, "scripts", "lora_script.py")
 
 # Top-level module names the harness brings in (besides everything under HARNESS_DIR).
-_HARNESS_TOP_NAMES = {"modules", "k_diffusion", "ldm", "ldm_tiny", "networks", "network", "network_lora", "lora_patches",
+_HARNESS_TOP_NAMES = {"modules", "k_diffusion", "ldm", "ldm_tiny", "sgm", "networks", "network", "network_lora", "lora_patches",
                       "extra_networks_lora", "lora", "preload"}
 
 
@@ -42,6 +48,9 @@ def gradio_available() -> bool:
 
 # Built models per seed, never hijacked; each host gets a deep copy (building costs ~1 s).
 _PRISTINE_MODELS = {}
+_PRISTINE_SDXL_MODELS = {}
+
+ARCHS = ("sd1", "sdxl")
 
 
 def _install_ldm_aliases():
@@ -68,8 +77,42 @@ def _install_ldm_aliases():
         setattr(parent, attr, ldm_tiny)
 
 
+def _install_sgm_aliases():
+    """``sgm.models.diffusion`` / ``sgm.modules.attention`` / ``sgm.modules.encoders.modules`` /
+    ``sgm.modules.diffusionmodules.{openaimodel,wrappers,denoiser_scaling,discretizer}``
+    -> webui_harness.sgm_tiny; ``sgm.modules.GeneralConditioner`` as sgm/modules/__init__.py exports."""
+    sgm_tiny = _sgm_tiny
+
+    def package(name):
+        mod = sys.modules.get(name)
+        if mod is None:
+            mod = types.ModuleType(name)
+            mod.__path__ = []
+            sys.modules[name] = mod
+        return mod
+
+    sgm = package("sgm")
+    sgm.models = package("sgm.models")
+    sgm.modules = package("sgm.modules")
+    sgm.modules.GeneralConditioner = sgm_tiny.GeneralConditioner
+    sgm.modules.diffusionmodules = package("sgm.modules.diffusionmodules")
+    sgm.modules.encoders = package("sgm.modules.encoders")
+    for name, parent, attr in (("sgm.models.diffusion", sgm.models, "diffusion"),
+                               ("sgm.modules.attention", sgm.modules, "attention"),
+                               ("sgm.modules.encoders.modules", sgm.modules.encoders, "modules"),
+                               ("sgm.modules.diffusionmodules.openaimodel", sgm.modules.diffusionmodules, "openaimodel"),
+                               ("sgm.modules.diffusionmodules.wrappers", sgm.modules.diffusionmodules, "wrappers"),
+                               ("sgm.modules.diffusionmodules.denoiser_scaling", sgm.modules.diffusionmodules, "denoiser_scaling"),
+                               ("sgm.modules.diffusionmodules.discretizer", sgm.modules.diffusionmodules, "discretizer")):
+        sys.modules[name] = sgm_tiny
+        setattr(parent, attr, sgm_tiny)
+
+
 class A1111Host:
-    def __init__(self, data_dir: str, *, seed: int = 0, threads: int | None = 1):
+    def __init__(self, data_dir: str, *, seed: int = 0, threads: int | None = 1, arch: str = "sd1"):
+        if arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, not {arch!r}")
+        self.arch = arch
         self.data_dir = os.path.abspath(data_dir)
         self.lora_dir = os.path.join(self.data_dir, "models", "Lora")
         self.seed = seed
@@ -90,6 +133,8 @@ class A1111Host:
             "linear_load": torch.nn.Linear._load_from_state_dict,
             "conv_forward": torch.nn.Conv2d.forward,
             "conv_load": torch.nn.Conv2d._load_from_state_dict,
+            "mha_forward": torch.nn.MultiheadAttention.forward,
+            "mha_load": torch.nn.MultiheadAttention._load_from_state_dict,
             "threads": torch.get_num_threads(),
             "env": os.environ.get("A1111_HARNESS_DATA"),
         }
@@ -101,6 +146,7 @@ class A1111Host:
         os.environ["A1111_HARNESS_DATA"] = self.data_dir
         sys.path[:0] = [A1111_ROOT]
         _install_ldm_aliases()
+        _install_sgm_aliases()
 
         from modules import shared, extra_networks
         shared.cmd_opts.lora_dir = self.lora_dir
@@ -123,12 +169,15 @@ class A1111Host:
                 sys.modules["modules.script_callbacks"].script_unloaded_callback()
             if "ldm_tiny" in sys.modules:
                 sys.modules["ldm_tiny"].undo_optimizations()
+            _sgm_tiny.undo_optimizations()
         finally:
             s = self._saved
             torch.nn.Linear.forward = s["linear_forward"]
             torch.nn.Linear._load_from_state_dict = s["linear_load"]
             torch.nn.Conv2d.forward = s["conv_forward"]
             torch.nn.Conv2d._load_from_state_dict = s["conv_load"]
+            torch.nn.MultiheadAttention.forward = s["mha_forward"]
+            torch.nn.MultiheadAttention._load_from_state_dict = s["mha_load"]
             torch.set_num_threads(s["threads"])
             if s["env"] is None:
                 os.environ.pop("A1111_HARNESS_DATA", None)
@@ -159,22 +208,36 @@ class A1111Host:
 
     def load_model(self):
         """What sd_models.load_model does after building: hijack (wrap CLIP, sdp attention),
-        checkpoint info, shared.sd_model, model_loaded callbacks, cond_stage_model_empty_prompt."""
+        checkpoint info, shared.sd_model, model_loaded callbacks, cond_stage_model_empty_prompt.
+        SDXL: set_model_type and extend_sdxl first, as load_model_weights does."""
         import ldm_tiny
         from safetensors.torch import save_file
         from modules import shared, sd_models, sd_hijack, script_callbacks, devices
 
         ckpt_dir = os.path.join(self.data_dir, "models", "Stable-diffusion")
         os.makedirs(ckpt_dir, exist_ok=True)
-        ckpt = os.path.join(ckpt_dir, "tiny-sd1.safetensors")
+        ckpt = os.path.join(ckpt_dir, f"tiny-{self.arch}.safetensors")
         if not os.path.exists(ckpt):
-            save_file({"seed": torch.tensor([self.seed])}, ckpt, metadata={"harness": "tiny sd1 stand-in"})
+            save_file({"seed": torch.tensor([self.seed])}, ckpt, metadata={"harness": f"tiny {self.arch} stand-in"})
 
-        if self.seed not in _PRISTINE_MODELS:
-            _PRISTINE_MODELS[self.seed] = ldm_tiny.build_tiny_sd1(seed=self.seed)
-        pristine = _PRISTINE_MODELS[self.seed]
-        tokenizer = pristine.cond_stage_model.tokenizer  # read-only: shared, not copied
-        sd_model = copy.deepcopy(pristine, memo={id(tokenizer): tokenizer})
+        if self.arch == "sdxl":
+            from modules import sd_models_xl
+            if self.seed not in _PRISTINE_SDXL_MODELS:
+                _PRISTINE_SDXL_MODELS[self.seed] = _sgm_tiny.build_tiny_sdxl(seed=self.seed)
+            pristine = _PRISTINE_SDXL_MODELS[self.seed]
+            tokenizer = _sgm_tiny.get_tokenizer()  # read-only: shared, not copied
+            sd_model = copy.deepcopy(pristine, memo={id(tokenizer): tokenizer})
+            sd_models.set_model_type(sd_model, {k: None for k in sd_model.state_dict()})
+            sd_model.is_sdxl_inpaint = sd_model.is_sdxl and sd_model.model.diffusion_model.input_blocks[0][0].weight.shape[1] == 9
+            sd_models_xl.extend_sdxl(sd_model)
+            sd_model.cond_stage_model_empty_prompt = None
+            sd_model.latent_channels = 4
+        else:
+            if self.seed not in _PRISTINE_MODELS:
+                _PRISTINE_MODELS[self.seed] = ldm_tiny.build_tiny_sd1(seed=self.seed)
+            pristine = _PRISTINE_MODELS[self.seed]
+            tokenizer = pristine.cond_stage_model.tokenizer  # read-only: shared, not copied
+            sd_model = copy.deepcopy(pristine, memo={id(tokenizer): tokenizer})
         info = sd_models.CheckpointInfo(ckpt)
         sd_model.sd_model_hash = info.calculate_shorthash()
         sd_model.sd_model_checkpoint = info.filename

@@ -7,6 +7,11 @@ without special tokens and cut into chunks of 75 tokens; each chunk becomes
 76..150 tokens gives (B, 154, C). "Original" emphasis: z *= multipliers, then rescaled to the
 original mean. Simplified: no comma back-tracking at chunk edges, no textual inversion
 embeddings.
+
+SDXL: ``FrozenCLIPEmbedderForSDXLWithCustomWords`` (embedders[0]: hidden_states[layer_idx]); when
+``id_pad != id_end`` (OpenCLIP: pad 0) the ids after the first end token become id_pad; a ``pooled``
+attribute of the encoder output survives emphasis and ``forward`` returns ``(z, pooled of chunk 0)``
+when ``return_pooled``.
 """
 import torch
 
@@ -102,17 +107,29 @@ class TextConditionalModel(torch.nn.Module):
             tokens = [x.tokens for x in batch_chunk]
             multipliers = [x.multipliers for x in batch_chunk]
             zs.append(self.process_tokens(tokens, multipliers))
+        if self.return_pooled:
+            return torch.hstack(zs), zs[0].pooled
         return torch.hstack(zs)
 
     def process_tokens(self, remade_batch_tokens, batch_multipliers):
         tokens = torch.asarray(remade_batch_tokens)
+
+        # this is for SD2: SD1 uses the same token for padding and end of text, while SD2 uses different ones.
+        if self.id_end != self.id_pad:
+            for batch_pos in range(len(remade_batch_tokens)):
+                index = remade_batch_tokens[batch_pos].index(self.id_end)
+                tokens[batch_pos, index + 1:tokens.shape[1]] = self.id_pad
+
         z = self.encode_with_transformers(tokens)
+        pooled = getattr(z, 'pooled', None)
         if opts.emphasis != "None":
             multipliers = torch.asarray(batch_multipliers).to(z.dtype)
             original_mean = z.mean()
             z = z * multipliers.reshape(multipliers.shape + (1,)).expand(z.shape)
             new_mean = z.mean()
             z = z * (original_mean / new_mean)
+        if pooled is not None:
+            z.pooled = pooled
         return z
 
 
@@ -149,4 +166,23 @@ class FrozenCLIPEmbedderWithCustomWords(FrozenCLIPEmbedderWithCustomWordsBase):
             z = self.wrapped.transformer.text_model.final_layer_norm(z)
         else:
             z = outputs.last_hidden_state
+        return z
+
+
+class FrozenCLIPEmbedderForSDXLWithCustomWords(FrozenCLIPEmbedderWithCustomWords):
+    """SDXL embedders[0]: ``wrapped`` is sgm's FrozenCLIPEmbedder (layer "hidden", layer_idx 11 of 12)."""
+
+    def __init__(self, wrapped, hijack):
+        super().__init__(wrapped, hijack)
+
+    def encode_with_transformers(self, tokens):
+        outputs = self.wrapped.transformer(input_ids=tokens, output_hidden_states=self.wrapped.layer == "hidden")
+
+        if opts.sdxl_clip_l_skip is True:
+            z = outputs.hidden_states[-opts.CLIP_stop_at_last_layers]
+        elif self.wrapped.layer == "last":
+            z = outputs.last_hidden_state
+        else:
+            z = outputs.hidden_states[self.wrapped.layer_idx]
+
         return z

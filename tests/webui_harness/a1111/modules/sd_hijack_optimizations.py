@@ -1,5 +1,7 @@
-"""modules.sd_hijack_optimizations: only "sdp" (class-level CrossAttention.forward replacement)."""
+"""modules.sd_hijack_optimizations: only "sdp" (class-level CrossAttention.forward replacement,
+on ldm's and on sgm's CrossAttention, as the real SdOptimizationSdp.apply does)."""
 import ldm_tiny
+import sgm.modules.attention
 from ldm_tiny import scaled_dot_product_attention_forward  # noqa: F401
 
 
@@ -20,6 +22,7 @@ class SdOptimization:
 
     def undo(self):
         ldm_tiny.undo_optimizations()
+        sgm.modules.attention.undo_optimizations()
 
 
 class SdOptimizationSdp(SdOptimization):
@@ -30,6 +33,7 @@ class SdOptimizationSdp(SdOptimization):
 
     def apply(self):
         ldm_tiny.apply_sdp_optimization()
+        sgm.modules.attention.apply_sdp_optimization()
 
 
 def list_optimizers(res):

@@ -126,6 +126,27 @@ class SkipWritingToConfig:
         SkipWritingToConfig.skip = self.previous
 
 
+def set_model_type(model, state_dict):
+    """As the real loader (load_model_weights) flags the model from its class and state dict."""
+    model.is_sd1 = False
+    model.is_sd2 = False
+    model.is_sdxl = False
+    model.is_ssd = False
+    model.is_sd3 = False
+
+    if "model.diffusion_model.x_embedder.proj.weight" in state_dict:
+        model.is_sd3 = True
+    elif hasattr(model, 'conditioner'):
+        model.is_sdxl = True
+
+        if 'model.diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q.weight' not in state_dict.keys():
+            model.is_ssd = True
+    elif hasattr(model.cond_stage_model, 'model'):
+        model.is_sd2 = True
+    else:
+        model.is_sd1 = True
+
+
 def get_empty_cond(sd_model):
     from modules import processing, extra_networks
     p = processing.StableDiffusionProcessingTxt2Img()
