@@ -98,7 +98,14 @@ class NetworkModule:
         self.network_key = weights.network_key
         self.sd_key = weights.sd_key
         self.sd_module = weights.sd_module
-        self.shape = self.sd_module.weight.shape if hasattr(self.sd_module, 'weight') else None
+        if hasattr(self.sd_module, 'weight'):
+            self.shape = self.sd_module.weight.shape
+        elif isinstance(self.sd_module, nn.MultiheadAttention):
+            # For now, only self-attn use Pytorch's MHA
+            # So assume all qkvo proj have same shape
+            self.shape = self.sd_module.out_proj.weight.shape
+        else:
+            self.shape = None
 
         self.ops = None
         self.extra_kwargs = {}
@@ -115,7 +122,8 @@ class NetworkModule:
         self.dora_scale = weights.w.get("dora_scale", None)
 
     def multiplier(self):
-        """te_multiplier for text-encoder layers (sd_key starts with "transformer..."), else unet."""
+        """te_multiplier for text-encoder layers ("transformer" in the first 20 characters of sd_key:
+        ``transformer_text_model_...``, SDXL ``0_transformer_...`` / ``1_model_transformer_...``), else unet."""
         if 'transformer' in self.sd_key[:20]:
             return self.network.te_multiplier
         return self.network.unet_multiplier

@@ -28,7 +28,8 @@ class NetworkModuleLora(network.NetworkModule):
     def create_module(self, weights, key):
         """Wrap the factor in a bias-free Linear (linear target) or Conv2d (conv target) like the real code."""
         weight = weights[key]
-        if type(self.sd_module) is torch.nn.Linear:
+        is_linear = type(self.sd_module) in [torch.nn.Linear, torch.nn.modules.linear.NonDynamicallyQuantizableLinear, torch.nn.MultiheadAttention]
+        if is_linear:
             weight = weight.reshape(weight.shape[0], -1)
             module = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
         elif type(self.sd_module) is torch.nn.Conv2d:

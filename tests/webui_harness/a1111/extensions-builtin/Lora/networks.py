@@ -10,9 +10,19 @@ wanted set ``network_current_names`` changes it restores the backup and adds eve
 network's delta to the weight IN PLACE. ``opts.lora_functional`` switches to the
 add-at-runtime path (``network_forward``).
 
+SDXL as the real one: ``network_layer_mapping`` names the text modules ``{i}_{path}`` from
+``conditioner.embedders[i].wrapped`` (``0_transformer_text_model_...`` for CLIP-L,
+``1_model_transformer_resblocks_...`` for OpenCLIP); ``lora_te2_*`` keys convert to the OpenCLIP
+names (fc1/fc2 -> mlp_c_fc/mlp_c_proj, self_attn -> attn); ``..._attn_{q,k,v}_proj`` keys match the
+``MultiheadAttention`` through ``re_x_proj``; ``lora_unet_*`` compvis keys and ``lora_te1_*`` keys
+through the fallbacks of ``load_network``. ``network_apply_weights`` on a MultiheadAttention adds
+``vstack(q, k, v)`` deltas to ``in_proj_weight`` and the out delta to ``out_proj.weight`` ONLY when
+the network has all four of q/k/v/out for that layer (else nothing, silently), with the backup a
+``(in_proj_weight, out_proj.weight)`` tuple.
+
 Simplified: only plain LoRA modules (network_lora); no LyCORIS types, no bundled embeddings,
-no GroupNorm / LayerNorm / MultiheadAttention patching, no SD2 / SDXL naming, no
-``networks_in_memory`` cache eviction beyond the size limit, no fp16 weight cache.
+no GroupNorm / LayerNorm patching, no SD2 naming, no ``networks_in_memory`` cache eviction
+beyond the size limit, no fp16 weight cache.
 """
 from __future__ import annotations
 
@@ -59,7 +69,8 @@ def _match(regex, key):
 def convert_diffusers_name_to_compvis(key, is_sd2):
     """kohya module name (``lora_unet_down_blocks_0_attentions_0_...``, ``lora_te_text_model_...``)
     -> ldm network_layer_name (``diffusion_model_input_blocks_1_1_...``, ``transformer_text_model_...``).
-    SD1 / SDXL-compvis mappings; returns the key unchanged when nothing matches."""
+    SD1 / SDXL mappings (``lora_te2_...`` -> ``1_model_transformer_resblocks_...``); returns the key
+    unchanged when nothing matches."""
     if (m := _match(r"lora_unet_conv_in(.*)", key)) is not None:
         return f'diffusion_model_input_blocks_0_0{m[0]}'
     if (m := _match(r"lora_unet_conv_out(.*)", key)) is not None:
@@ -83,6 +94,13 @@ def convert_diffusers_name_to_compvis(key, is_sd2):
         if is_sd2:
             raise NotImplementedError("harness: SD2 text encoder naming is not simulated")
         return f"transformer_text_model_encoder_layers_{m[0]}_{m[1]}"
+    if (m := _match(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", key)) is not None:
+        if 'mlp_fc1' in m[1]:
+            return f"1_model_transformer_resblocks_{m[0]}_{m[1].replace('mlp_fc1', 'mlp_c_fc')}"
+        elif 'mlp_fc2' in m[1]:
+            return f"1_model_transformer_resblocks_{m[0]}_{m[1].replace('mlp_fc2', 'mlp_c_proj')}"
+        else:
+            return f"1_model_transformer_resblocks_{m[0]}_{m[1].replace('self_attn', 'attn')}"
     return key
 
 
@@ -90,14 +108,25 @@ def assign_network_names_to_compvis_modules(sd_model):
     """Sets ``module.network_layer_name`` on every text-encoder and UNet module and builds
     ``sd_model.network_layer_mapping`` (names from named_modules() with '.' -> '_'):
     text encoder names come from ``cond_stage_model.wrapped`` (so they start with
-    ``transformer_text_model_...``), UNet names from ``sd_model.model`` (``diffusion_model_...``)."""
+    ``transformer_text_model_...``), for SDXL from each ``conditioner.embedders[i].wrapped``
+    prefixed ``{i}_``; UNet names from ``sd_model.model`` (``diffusion_model_...``)."""
     network_layer_mapping = {}
 
-    cond_stage_model = getattr(shared.sd_model.cond_stage_model, 'wrapped', shared.sd_model.cond_stage_model)
-    for name, module in cond_stage_model.named_modules():
-        network_name = name.replace(".", "_")
-        network_layer_mapping[network_name] = module
-        module.network_layer_name = network_name
+    if shared.sd_model.is_sdxl:
+        for i, embedder in enumerate(shared.sd_model.conditioner.embedders):
+            if not hasattr(embedder, 'wrapped'):
+                continue
+
+            for name, module in embedder.wrapped.named_modules():
+                network_name = f'{i}_{name.replace(".", "_")}'
+                network_layer_mapping[network_name] = module
+                module.network_layer_name = network_name
+    else:
+        cond_stage_model = getattr(shared.sd_model.cond_stage_model, 'wrapped', shared.sd_model.cond_stage_model)
+        for name, module in cond_stage_model.named_modules():
+            network_name = name.replace(".", "_")
+            network_layer_mapping[network_name] = module
+            module.network_layer_name = network_name
 
     for name, module in shared.sd_model.model.named_modules():
         network_name = name.replace(".", "_")
@@ -255,7 +284,7 @@ def restore_weights_backup(obj, field, weight):
     getattr(obj, field).copy_(weight)
 
 
-def network_restore_weights_from_backup(self: Union[torch.nn.Conv2d, torch.nn.Linear]):
+def network_restore_weights_from_backup(self: Union[torch.nn.Conv2d, torch.nn.Linear, torch.nn.MultiheadAttention]):
     weights_backup = getattr(self, "network_weights_backup", None)
     bias_backup = getattr(self, "network_bias_backup", None)
 
@@ -264,8 +293,16 @@ def network_restore_weights_from_backup(self: Union[torch.nn.Conv2d, torch.nn.Li
 
     with torch.no_grad():
         if weights_backup is not None:
-            restore_weights_backup(self, 'weight', weights_backup)
-        restore_weights_backup(self, 'bias', bias_backup)
+            if isinstance(self, torch.nn.MultiheadAttention):
+                restore_weights_backup(self, 'in_proj_weight', weights_backup[0])
+                restore_weights_backup(self.out_proj, 'weight', weights_backup[1])
+            else:
+                restore_weights_backup(self, 'weight', weights_backup)
+
+        if isinstance(self, torch.nn.MultiheadAttention):
+            restore_weights_backup(self.out_proj, 'bias', bias_backup)
+        else:
+            restore_weights_backup(self, 'bias', bias_backup)
 
 
 def network_apply_weights(self: Union[torch.nn.Conv2d, torch.nn.Linear]):
@@ -284,11 +321,23 @@ def network_apply_weights(self: Union[torch.nn.Conv2d, torch.nn.Linear]):
     if weights_backup is None and wanted_names != ():
         if current_names != () and not allowed_layer_without_weight(self):
             raise RuntimeError(f"{network_layer_name} - no backup weights found and current weights are not unchanged")
-        self.network_weights_backup = store_weights_backup(self.weight)
+
+        if isinstance(self, torch.nn.MultiheadAttention):
+            weights_backup = (store_weights_backup(self.in_proj_weight), store_weights_backup(self.out_proj.weight))
+        else:
+            weights_backup = store_weights_backup(self.weight)
+
+        self.network_weights_backup = weights_backup
 
     bias_backup = getattr(self, "network_bias_backup", None)
     if bias_backup is None and wanted_names != ():
-        bias_backup = store_weights_backup(self.bias) if getattr(self, 'bias', None) is not None else None
+        if isinstance(self, torch.nn.MultiheadAttention) and self.out_proj.bias is not None:
+            bias_backup = store_weights_backup(self.out_proj.bias)
+        elif getattr(self, 'bias', None) is not None:
+            bias_backup = store_weights_backup(self.bias)
+        else:
+            bias_backup = None
+
         if bias_backup is not None and current_names != ():
             raise RuntimeError("no backup bias found and current bias are not unchanged")
         self.network_bias_backup = bias_backup
@@ -311,6 +360,37 @@ def network_apply_weights(self: Union[torch.nn.Conv2d, torch.nn.Linear]):
                 except RuntimeError as e:
                     logging.debug(f"Network {net.name} layer {network_layer_name}: {e}")
                     extra_network_lora.errors[net.name] = extra_network_lora.errors.get(net.name, 0) + 1
+                continue
+
+            module_q = net.modules.get(network_layer_name + "_q_proj", None)
+            module_k = net.modules.get(network_layer_name + "_k_proj", None)
+            module_v = net.modules.get(network_layer_name + "_v_proj", None)
+            module_out = net.modules.get(network_layer_name + "_out_proj", None)
+
+            if isinstance(self, torch.nn.MultiheadAttention) and module_q and module_k and module_v and module_out:
+                try:
+                    with torch.no_grad():
+                        # Send "real" orig_weight into MHA's lora module
+                        qw, kw, vw = self.in_proj_weight.chunk(3, 0)
+                        updown_q, _ = module_q.calc_updown(qw)
+                        updown_k, _ = module_k.calc_updown(kw)
+                        updown_v, _ = module_v.calc_updown(vw)
+                        del qw, kw, vw
+                        updown_qkv = torch.vstack([updown_q, updown_k, updown_v])
+                        updown_out, ex_bias = module_out.calc_updown(self.out_proj.weight)
+
+                        self.in_proj_weight += updown_qkv
+                        self.out_proj.weight += updown_out
+                    if ex_bias is not None:
+                        if self.out_proj.bias is None:
+                            self.out_proj.bias = torch.nn.Parameter(ex_bias)
+                        else:
+                            self.out_proj.bias += ex_bias
+
+                except RuntimeError as e:
+                    logging.debug(f"Network {net.name} layer {network_layer_name}: {e}")
+                    extra_network_lora.errors[net.name] = extra_network_lora.errors.get(net.name, 0) + 1
+
                 continue
 
             if module is None:
@@ -371,6 +451,16 @@ def network_Conv2d_forward(self, input):
 def network_Conv2d_load_state_dict(self, *args, **kwargs):
     network_reset_cached_weight(self)
     return originals.Conv2d_load_state_dict(self, *args, **kwargs)
+
+
+def network_MultiheadAttention_forward(self, *args, **kwargs):
+    network_apply_weights(self)
+    return originals.MultiheadAttention_forward(self, *args, **kwargs)
+
+
+def network_MultiheadAttention_load_state_dict(self, *args, **kwargs):
+    network_reset_cached_weight(self)
+    return originals.MultiheadAttention_load_state_dict(self, *args, **kwargs)
 
 
 def process_network_files(names: list[str] | None = None):
