@@ -594,3 +594,21 @@ def test_sdxl_stop_restores_globals(tmp_path):
     assert not [m for m in sys.modules if m.split(".")[0] in {"modules", "networks", "sgm", "ldm", "network"}]
     with pytest.raises(ValueError):
         A1111Host(str(tmp_path / "x"), arch="sd3")
+
+
+def test_sdxl_lora_tab_hides_other_versions(a1111_sdxl):
+    from safetensors.torch import save_file
+    from modules import shared
+    import ui_extra_networks_lora
+    _write_sdxl_lora(a1111_sdxl, "xl")
+    tensor = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(32, 2)}
+    save_file(tensor, os.path.join(a1111_sdxl.lora_dir, "sd1.safetensors"), metadata={"ss_network_module": "networks.lora"})
+    save_file(tensor, os.path.join(a1111_sdxl.lora_dir, "unknown.safetensors"))
+    a1111_sdxl.refresh_loras()
+    page = ui_extra_networks_lora.ExtraNetworksPageLora()
+    assert sorted(i["name"] for i in page.list_items()) == ["unknown", "xl"]  # SD1 (metadata, no sdxl_ version) hidden
+    assert page.create_item("xl")["sd_version"] == "SDXL"
+    shared.opts.lora_hide_unknown_for_versions = ["SDXL"]
+    assert sorted(i["name"] for i in page.list_items()) == ["xl"]
+    shared.opts.lora_show_all = True
+    assert sorted(i["name"] for i in page.list_items()) == ["sd1", "unknown", "xl"]

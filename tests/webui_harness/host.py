@@ -35,7 +35,7 @@ LORA_SCRIPT = os.path.join(LORA_EXT_DIR, "scripts", "lora_script.py")
 
 # Top-level module names the harness brings in (besides everything under HARNESS_DIR).
 _HARNESS_TOP_NAMES = {"modules", "k_diffusion", "ldm", "ldm_tiny", "sgm", "networks", "network", "network_lora", "lora_patches",
-                      "extra_networks_lora", "lora", "preload"}
+                      "extra_networks_lora", "ui_extra_networks_lora", "lora", "preload"}
 
 
 def gradio_available() -> bool:

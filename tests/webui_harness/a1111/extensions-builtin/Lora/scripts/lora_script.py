@@ -4,6 +4,7 @@ import networks
 import lora  # noqa: F401
 import lora_patches
 import extra_networks_lora
+import ui_extra_networks_lora  # noqa: F401  (the Lora tab's listing; no gradio page registered here)
 from modules import script_callbacks, extra_networks, shared
 
 
