@@ -8,12 +8,8 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from lib_loraclr.compose.concepts import (
-    LoraConcept,
-    parse_attention,
-    parse_prompt,
-    plan_concepts,
-)
+from lib_loraclr.compose.concepts import LoraConcept, plan_concepts
+from lib_loraclr.prompt import parse_attention, parse_prompt
 from lib_loraclr.compose.fusion import (
     cfg_combine,
     concept_masks,

@@ -17,7 +17,8 @@ import torch
 from lora_fixtures import SD1_SELF_ATTN_Q, lora_factors, write_file, write_kohya_file
 
 from lib_loraclr.cli import main
-from lib_loraclr.compose.concepts import LoraConcept, parse_prompt, plan_concepts
+from lib_loraclr.compose.concepts import LoraConcept, plan_concepts
+from lib_loraclr.prompt import parse_prompt
 from lib_loraclr.compose.engine import NonFiniteError, apply_emphasis, check_finite
 from lib_loraclr.compose.session import ComposeRequest
 from lib_loraclr.compose.settings import ComposeSettings

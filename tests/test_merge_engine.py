@@ -400,3 +400,24 @@ def test_non_finite_model_features_are_refused_by_layer_name(base_dir, lora_path
     with pytest.raises(MergeInputError, match=r"^unet\..*: the captured layer features are not finite"):
         merge_to_file(broken, concepts, MergeSettings(capture_size=SIZE, capture_steps=1, report=False), str(out))
     assert not out.exists()
+
+
+def test_trigger_rows_read_a1111_syntax_like_the_webuis_and_find_the_trigger_tokens(model):
+    """The merge finds trigger tokens with the composition's token finder: A1111 syntax in a
+    trigger is read as text (``miku (vocaloid)`` -> ``miku vocaloid``), positions count BOS as 0,
+    the EOS row follows the last prompt token. The answer is the tokenizer's own ids."""
+    from types import SimpleNamespace
+
+    from lib_loraclr.merge.engine import PROMPT_TEMPLATE, MergeInputError, plain_trigger, trigger_rows
+
+    words = plain_trigger(SimpleNamespace(trigger="miku (vocaloid)"))
+    assert words == "miku vocaloid"
+    prompt = PROMPT_TEMPLATE.format(words)
+    ids = model.tokenizer(prompt, add_special_tokens=False).input_ids
+    trigger_ids = model.tokenizer(words, add_special_tokens=False).input_ids
+    start = next(i for i in range(len(ids)) if ids[i:i + len(trigger_ids)] == trigger_ids)
+    expected = [1 + start + k for k in range(len(trigger_ids))] + [len(ids) + 1]
+    assert trigger_rows(model, [prompt, words], [words, words]) == [expected, list(range(1, 1 + len(trigger_ids))) + [len(trigger_ids) + 1]]
+    assert model.tokenize([prompt])[0, expected[-1]] == model.tokenizer.eos_token_id
+    with pytest.raises(MergeInputError, match="not found"):
+        trigger_rows(model, ["photo of a mikuvocaloid"], ["miku"])

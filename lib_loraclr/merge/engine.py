@@ -29,6 +29,7 @@ from ..lora.modules import LoraUpDown
 from ..lora.reader import check_same_arch
 from ..lora.writer import KohyaWriter
 from ..model import ModelAccess
+from ..prompt import MAX_PROMPT_TOKENS, parse_attention, parse_prompt
 from ..runtime import LoraRuntime, shapes_fit
 from ..sampling import initial_noise, sample
 from .capture import LayerHooks, StatsCollector, layer_matrix
@@ -87,9 +88,13 @@ def check_concepts(concepts: list[Concept]):
     if len(concepts) < 2:
         raise MergeInputError("a merge needs at least two LoRAs")
     for concept in concepts:
-        if not concept.trigger.strip():
+        try:
+            words = plain_trigger(concept)
+        except ValueError as error:
+            raise MergeInputError(f"{concept.lora.path}: trigger {concept.trigger!r}: {error}") from None
+        if not words:
             raise MergeInputError(f"{concept.lora.path}: no trigger words given")
-    if len(set(c.trigger.strip().lower() for c in concepts)) < len(concepts):
+    if len(set(plain_trigger(c).lower() for c in concepts)) < len(concepts):
         names = [c.lora.name for c in concepts]
         raise MergeInputError(f"each LoRA needs its own trigger words; got {[c.trigger for c in concepts]} for {names}")
     check_same_arch([c.lora for c in concepts])
@@ -136,21 +141,25 @@ def as_lora(name: str, deltas: dict[str, LowRank]) -> LoraFile:
     return LoraFile(name, "merged", None, modules)
 
 
+def plain_trigger(concept: Concept) -> str:
+    """The trigger as the text encoder reads it: A1111 syntax in it (``miku (vocaloid)``) is
+    read as the WebUIs read it, so the capture prompts are plain text on every host."""
+    return "".join(fragment.text for fragment in parse_attention(concept.trigger)).strip()
+
+
 def trigger_rows(model: ModelAccess, prompts: list[str], triggers: list[str]) -> list[list[int]]:
-    """Token positions of each prompt's trigger words plus its EOS, found by the tokenizer."""
-    token_ids = model.tokenize(prompts)  # (B, 77)
-    eos_id = model.tokenizer.eos_token_id
+    """Token positions of each prompt's trigger words plus its EOS, by the composition's token
+    finder (``prompt.parse_prompt``: A1111 syntax read as the WebUIs read it; BOS at 0)."""
     rows = []
-    for prompt, trigger, ids in zip(prompts, triggers, token_ids.tolist()):
-        trigger_ids = model.tokenizer(trigger, add_special_tokens=False).input_ids
-        start = next(
-            (i for i in range(len(ids) - len(trigger_ids) + 1) if ids[i:i + len(trigger_ids)] == trigger_ids),
-            None,
-        )
-        if start is None or not trigger_ids:
-            raise MergeInputError(f"trigger {trigger!r} not found in tokenized prompt {prompt!r}")
-        eos = ids.index(eos_id, start + len(trigger_ids))
-        rows.append(list(range(start, start + len(trigger_ids))) + [eos])
+    for prompt, trigger in zip(prompts, triggers):
+        try:
+            parsed = parse_prompt(prompt, model.tokenizer)
+            found = parsed.positions_of(trigger) if trigger.strip() else []
+        except ValueError as error:
+            raise MergeInputError(f"trigger {trigger!r}: {error}") from None
+        if not found or len(parsed.token_ids) > MAX_PROMPT_TOKENS:
+            raise MergeInputError(f"trigger {trigger!r} not found in the first 75 tokens of prompt {prompt!r}")
+        rows.append(list(found[0]) + [len(parsed.token_ids) + 1])  # ..., EOS right after the last token
     return rows
 
 
@@ -372,7 +381,7 @@ class LoraclrMerge:
     # --- capture stages -------------------------------------------------------------------
 
     def prompts(self) -> list[str]:
-        return [PROMPT_TEMPLATE.format(c.trigger.strip()) for c in self.concepts]
+        return [PROMPT_TEMPLATE.format(plain_trigger(c)) for c in self.concepts]
 
     def capture_size(self) -> int:
         if self.settings.capture_size is not None:
@@ -393,7 +402,7 @@ class LoraclrMerge:
         loras = [only_targets(c.lora, lambda t: stage_of_target(t) == "text_encoder") for c in self.concepts]
         prompts = []
         for concept in self.concepts:
-            prompts += [PROMPT_TEMPLATE.format(concept.trigger.strip()), concept.trigger.strip()]
+            prompts += [PROMPT_TEMPLATE.format(plain_trigger(concept)), plain_trigger(concept)]
         self.progress.update(stage, 0, 1, message=f"encoding concept prompts ({label})")
         with LoraRuntime(self.model.targets(), loras, [c.weight for c in self.concepts]) as runtime, hooks.attached():
             runtime.set_rows([frozenset([i]) for i in range(self.n)])
@@ -402,12 +411,12 @@ class LoraclrMerge:
 
     def _cross_kv_rows(self) -> torch.Tensor:
         """(N, R, C) merged text-encoder states at each concept's trigger tokens + EOS, cycled to one R."""
-        prompt_sets = [[PROMPT_TEMPLATE.format(c.trigger.strip()), c.trigger.strip()] for c in self.concepts]
+        prompt_sets = [[PROMPT_TEMPLATE.format(plain_trigger(c)), plain_trigger(c)] for c in self.concepts]
         blocks = []
         with torch.no_grad(), self._merged_applied():
             for concept, prompts in zip(self.concepts, prompt_sets):
                 context = self.model.encode(prompts).context.float()  # (2, 77, C)
-                positions = trigger_rows(self.model, prompts, [concept.trigger.strip()] * len(prompts))
+                positions = trigger_rows(self.model, prompts, [plain_trigger(concept)] * len(prompts))
                 blocks.append(torch.cat([context[p, rows] for p, rows in enumerate(positions)]))
         common = max(block.shape[0] for block in blocks)
         return torch.stack([block[torch.arange(common) % block.shape[0]] for block in blocks])
