@@ -31,7 +31,24 @@ _Factors = tuple[torch.Tensor, torch.Tensor | None]  # (down, up) low rank, or (
 
 
 class LoraMismatchError(ValueError):
-    """A LoRA layer whose shape does not fit the model's layer: usually another architecture."""
+    """A LoRA layer the model lacks or whose shape does not fit the model's: usually another architecture."""
+
+
+def check_fits(lora: LoraFile, targets: Mapping[str, nn.Module]) -> None:
+    """The one check of a LoRA against a model: every layer exists there with a shape it fits."""
+    unknown = [target for target in lora.modules if target not in targets]
+    if unknown:
+        raise LoraMismatchError(
+            f"{lora.path}: layer {unknown[0]!r} is not in this model "
+            f"({len(unknown)} of {len(lora.modules)} layers unknown: a LoRA for another architecture?)"
+        )
+    for target, lora_module in lora.modules.items():
+        _is_conv, shape = _base_weight_shape(target, targets[target])
+        if not shapes_fit(shape, lora_module.weight_shape):
+            raise LoraMismatchError(
+                f"{lora.path}: {target} has weight shape {tuple(shape)} in this model "
+                f"but {tuple(lora_module.weight_shape)} in the LoRA (a LoRA for another architecture?)"
+            )
 
 
 @dataclass(eq=False)
@@ -159,22 +176,12 @@ class LoraRuntime:
         self.loras = list(loras)
         sites: dict[str, _Site] = {}
         for index, (lora, weight, per_component) in enumerate(zip(loras, weights, component_weights)):
-            unknown = [target for target in lora.modules if target not in targets]
-            if unknown:
-                raise KeyError(
-                    f"{lora.path}: target {unknown[0]!r} is not a module of this model "
-                    f"({len(unknown)} of {len(lora.modules)} targets unknown: LoRA for another architecture?)"
-                )
+            check_fits(lora, targets)
             for target, lora_module in lora.modules.items():
                 site = sites.get(target)
                 if site is None:
                     is_conv, shape = _base_weight_shape(target, targets[target])
                     site = sites[target] = _Site(target, targets[target], is_conv, shape)
-                if not shapes_fit(site.weight_shape, lora_module.weight_shape):
-                    raise LoraMismatchError(
-                        f"{lora.path}: {target} has weight shape {tuple(site.weight_shape)} in this model "
-                        f"but {tuple(lora_module.weight_shape)} in the LoRA (LoRA for another architecture?)"
-                    )
                 multiplier = float(weight) * float(per_component.get(target.split(".", 1)[0], 1.0))
                 if multiplier != 0.0:
                     site.entries[index] = _Entry(lora.path, lora_module, multiplier)

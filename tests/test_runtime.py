@@ -434,7 +434,7 @@ def test_inactive_lora_never_prepared():
 def test_unknown_target_names_file_and_target():
     model, targets = mlp()
     lora = lora_file("sdxl_thing", [LowRank("text_encoder_2.fc", up=torch.zeros(16, 1), down=torch.zeros(1, 8))])
-    with pytest.raises(KeyError, match=r"/loras/sdxl_thing.safetensors: target 'text_encoder_2.fc' is not"):
+    with pytest.raises(LoraMismatchError, match=r"/loras/sdxl_thing.safetensors: layer 'text_encoder_2.fc' is not in this model \(1 of 1"):
         LoraRuntime(targets, [lora])
     assert no_hooks(model)
 

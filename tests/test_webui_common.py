@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import contextlib
 import threading
 import time
 
@@ -56,6 +57,9 @@ class DiffusersHost(WebUIHost):
     @property
     def queue_lock(self):
         return self._lock
+
+    def busy(self, job, progress):
+        return contextlib.nullcontext()  # no shared.state outside a WebUI (tested in tests/webui)
 
 
 @pytest.fixture()

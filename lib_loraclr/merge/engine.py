@@ -30,7 +30,7 @@ from ..lora.reader import check_same_arch
 from ..lora.writer import KohyaWriter
 from ..model import ModelAccess
 from ..prompt import MAX_PROMPT_TOKENS, parse_attention, parse_prompt
-from ..runtime import LoraRuntime, shapes_fit
+from ..runtime import LoraMismatchError, LoraRuntime, check_fits
 from ..sampling import initial_noise, sample
 from .capture import LayerHooks, StatsCollector, layer_matrix
 from .memory import (
@@ -111,16 +111,11 @@ def check_inputs(model: ModelAccess, concepts: list[Concept]) -> dict[str, torch
     model_targets = model.targets()
     used = {}
     for concept in concepts:
-        for target, module in concept.lora.modules.items():
-            if target not in model_targets:
-                raise MergeInputError(f"{concept.lora.path}: layer {target} does not exist in the base model")
-            base_shape = tuple(model_targets[target].weight.shape)
-            if not shapes_fit(base_shape, tuple(module.weight_shape)):
-                raise MergeInputError(
-                    f"{concept.lora.path}: layer {target} has shape {tuple(module.weight_shape)}, "
-                    f"the base model's is {base_shape} (wrong architecture?)"
-                )
-            used[target] = model_targets[target]
+        try:
+            check_fits(concept.lora, model_targets)
+        except LoraMismatchError as error:
+            raise MergeInputError(str(error)) from None
+        used.update({target: model_targets[target] for target in concept.lora.modules})
     return dict(sorted(used.items()))
 
 
