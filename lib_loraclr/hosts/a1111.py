@@ -3,10 +3,8 @@
 Names: A1111 runs the original UNet (``input_blocks.1.1.transformer_blocks.0.attn2.to_k``), so
 its module paths are mapped to the canonical diffusers paths with ``keys.ldm_to_diffusers_unet``.
 The SD1 text encoder and SDXL's first one are transformers ``CLIPTextModel``s with the
-``text_model.`` paths canonical names already use. SDXL's second one is OpenCLIP: its
-``mlp.c_fc``/``mlp.c_proj``/``attn.out_proj`` map to ``fc1``/``fc2``/``out_proj``; its q/k/v
-projections are packed into ``nn.MultiheadAttention.in_proj_weight`` and cannot be hooked
-as separate layers, so LoRA layers there are reported as unsupported.
+``text_model.`` paths canonical names already use. SDXL's second one is OpenCLIP
+(``openclip.py``): its packed q/k/v and its MLP are presented as separate layers.
 
 Nothing here imports diffusers or any ``modules.*`` at import time: this file is loaded inside
 the WebUI, and its tests run with stand-ins.
@@ -15,32 +13,16 @@ the WebUI, and its tests run with stand-ins.
 from __future__ import annotations
 
 import contextlib
-import re
 import sys
 
 import torch
 from torch import nn
 
 from ..model import Conditioning
-from ..runtime import is_linear
 from .webui_denoiser import ComposeDenoiser, StepInput, kdiffusion_scale
 from .webui_host import WebUIHost
+from .openclip import open_clip_targets
 from .webui_model import WebUIModel
-
-_OPEN_CLIP_LAYERS = {"mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2", "attn.out_proj": "self_attn.out_proj"}
-_OPEN_CLIP_PATH = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
-PACKED_QKV_NOTE = "SDXL text_encoder_2 q/k/v layers are packed in OpenCLIP's MultiheadAttention in A1111"
-
-
-def _open_clip_targets(model: nn.Module, component: str) -> dict[str, nn.Module]:
-    found = {}
-    for path, module in model.named_modules():
-        match = _OPEN_CLIP_PATH.fullmatch(path)
-        if match and match.group(2) in _OPEN_CLIP_LAYERS and is_linear(module):
-            layer = _OPEN_CLIP_LAYERS[match.group(2)]
-            found[f"{component}.text_model.encoder.layers.{match.group(1)}.{layer}"] = module
-    return found
-
 
 class A1111Model(WebUIModel):
     """``shared.sd_model`` of A1111 (SD1 / SDXL).
@@ -77,7 +59,7 @@ class A1111Model(WebUIModel):
     def extra_targets(self) -> dict[str, nn.Module]:
         found = {}
         for component, model in self._open_clip.items():
-            found.update(_open_clip_targets(model, component))
+            found.update(open_clip_targets(model, component))
         return found
 
     def condition_dict(self, cond: Conditioning, image_cond: torch.Tensor | None = None) -> dict:
