@@ -323,6 +323,110 @@ def test_merge_reads_the_checkpoint_weights_and_refreshes_the_lora_list(host):
     assert host.errors() == []
 
 
+class UnetGate:
+    """Holds the first UNet call (a merge's feature capture) until ``release`` is set, so a test
+    can act while a job is known to be running; ``entered`` is set once that call is waiting."""
+
+    def __init__(self, unet):
+        import threading
+
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.handle = unet.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(120), "the test never released the UNet"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release.set()
+        self.handle.remove()
+
+
+def merge_outputs(folder, name):
+    """Every file a merge named ``name`` writes: the LoRA, its sidecar, its report."""
+    from lib_loraclr.lora.base import sidecar_path
+    from lib_loraclr.webui.merge_service import report_path_for
+
+    lora = os.path.join(folder, f"{name}.safetensors")
+    return [lora, sidecar_path(lora), report_path_for(lora)]
+
+
+def check_cancelled_cleanly(host, final, name, files_before):
+    from lib_loraclr.hosts.webui_host import current_host
+
+    assert final["state"] == "cancelled", final
+    assert final["error"] is None and final["result"] is None
+    assert final["log"][-1] == "cancelled: nothing was written"
+    assert [path for path in merge_outputs(host.lora_dir, name) if os.path.exists(path)] == []
+    assert sorted(os.listdir(host.lora_dir)) == files_before  # no temporary files left either
+    assert name not in host.refresh_loras()
+    lock = current_host().queue_lock
+    assert lock.acquire(blocking=False), "the cancelled job must release the queue lock"
+    lock.release()
+    generated = host.txt2img("a cat", seed=1, steps=1)
+    assert len(generated.images) == 1 and host.errors() == []
+
+
+def test_merge_cancelled_while_running_writes_nothing_and_frees_the_queue(host):
+    """Cancel a RUNNING merge (held inside its first UNet call, with progress already reported):
+    it ends "cancelled" at its next progress check, writes none of its files, and a generation
+    runs afterwards (the queue lock is free). Runs without gradio/FastAPI; the REST form below."""
+    from lib_loraclr.hosts.webui_host import current_host
+    from lib_loraclr.webui.merge_service import MergeRequest, MergeService
+
+    files_before = sorted(os.listdir(host.lora_dir))
+    service = MergeService(current_host())
+    lock = current_host().queue_lock
+    with UnetGate(our_model().unet) as gate:
+        job = service.start(MergeRequest(["cat_lora", "dog_lora"], ["sks cat", "zqx dog"], "cancelled_merge",
+                                         settings={"capture_steps": 2, "capture_size": 64}))
+        assert gate.entered.wait(120), service.status(job)
+        running = service.status(job)
+        assert running.state == "running" and running.percent > 0, running
+        assert not lock.acquire(blocking=False), "a running merge holds the queue lock"
+        answer = service.cancel(job)
+        assert answer.state == "running"  # a request: the job stops at its next progress check
+        gate.release.set()
+        final = service.jobs.wait(job, 120)
+    check_cancelled_cleanly(host, final.to_dict(), "cancelled_merge", files_before)
+
+
+def test_rest_cancel_of_a_running_merge(host):
+    """The REST form: POST /merge, poll it while it is held running, POST /merge/{id}/cancel, poll
+    it to "cancelled"; no files, queue free. Needs FastAPI + httpx (not gradio)."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    host.shared.cmd_opts.api = True
+    client = TestClient(host.app_started())
+    files_before = sorted(os.listdir(host.lora_dir))
+    with UnetGate(our_model().unet) as gate:
+        started = client.post("/loraclr/v1/merge", json={
+            "loras": ["cat_lora", "dog_lora"], "triggers": ["sks cat", "zqx dog"], "output": "rest_cancelled",
+            "settings": {"capture_steps": 2, "capture_size": 64},
+        })
+        assert started.status_code == 200, started.text
+        job = started.json()["job"]
+        assert gate.entered.wait(120), client.get(f"/loraclr/v1/merge/{job}").json()
+        running = client.get(f"/loraclr/v1/merge/{job}").json()
+        assert running["state"] == "running" and running["percent"] > 0, running
+        answer = client.post(f"/loraclr/v1/merge/{job}/cancel")
+        assert answer.status_code == 200 and answer.json()["state"] == "running"
+        gate.release.set()
+        for _ in range(600):
+            final = client.get(f"/loraclr/v1/merge/{job}").json()
+            if final["state"] != "running":
+                break
+            time.sleep(0.1)
+    check_cancelled_cleanly(host, final, "rest_cancelled", files_before)
+    assert client.post("/loraclr/v1/merge/99/cancel").status_code == 404
+
+
 @requires_gradio
 def test_ui_builds_and_infotext_round_trips(host):
     from modules import infotext_utils
@@ -368,5 +472,7 @@ def test_rest_merge_poll_cancel_and_bad_names(host):
         time.sleep(0.2)
     assert status["state"] == "done", status
     assert os.path.isfile(os.path.join(host.lora_dir, "api_merge.safetensors"))
-    assert client.post(f"/loraclr/v1/merge/{job}/cancel").status_code == 200
+    cancel_done = client.post(f"/loraclr/v1/merge/{job}/cancel")  # a finished job stays done (see the running case above)
+    assert cancel_done.status_code == 200 and cancel_done.json()["state"] == "done"
+    assert client.get(f"/loraclr/v1/merge/{job}").json()["state"] == "done"
     assert "api_merge" in [x["name"] for x in client.get("/sdapi/v1/loras").json()]

@@ -113,4 +113,4 @@ def test_embeddings_in_the_prompt_are_refused_and_allowed_in_the_negative(host):
                                            "textual-inversion embedding 'mystyle'"):
         host.run(host.make_txt2img(PROMPT + " in mystyle", seed=1, steps=1, script_args=compose_args(host)))
     composed = host.txt2img(PROMPT, "mystyle", seed=1, steps=1, script_args=compose_args(host))
-    assert composed.images and "LoRACLR" in composed.info
+    assert len(composed.images) == 1 and "LoRACLR: " in composed.info and host.errors() == []
