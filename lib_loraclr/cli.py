@@ -102,10 +102,10 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _progress_bar():
+def progress_bar():
     from tqdm import tqdm
 
-    from .merge.progress import Progress
+    from .progress import Progress
 
     bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}] {postfix}")
 
@@ -130,7 +130,7 @@ def cmd_merge(args) -> int:
     check_outputs(args.out, args.overwrite, args.report, args.lora)
     check_concepts(concepts)
     model = load_base(args.base, config=args.config, device=args.device)
-    progress, bar = _progress_bar()
+    progress, bar = progress_bar()
     try:
         summary = merge_to_file(model, concepts, settings, args.out, overwrite=args.overwrite,
                                 report_path=args.report, progress=progress)

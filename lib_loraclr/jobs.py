@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .merge.progress import MergeCancelled, Progress
+from .progress import MergeCancelled, Progress
 
 
 @dataclass

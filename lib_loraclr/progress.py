@@ -1,4 +1,5 @@
-"""Progress reporting and cancellation, shared by the CLI, background jobs and the WebUI tab."""
+"""Progress reporting and cancellation: the one mechanism of the merge, the standalone composition,
+the CLI bar, background jobs, the WebUI tab and the WebUI's own progress (``WebUIHost.busy``)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ STAGE_SPAN = {
     "unet": (0.6, 0.75),
     "report": (0.75, 0.95),
     "write": (0.95, 1.0),
+    "compose": (0.0, 1.0),  # standalone composition: its sampling steps
 }
 
 

@@ -20,7 +20,7 @@ from lib_loraclr.merge.engine import LoraclrMerge, MergeInputError
 from lib_loraclr.merge.memory import activation_bytes
 from lib_loraclr.merge.objective import MergeSettings, exact_loss
 from lib_loraclr.merge.pipeline import load_concepts, merge_to_file
-from lib_loraclr.merge.progress import MergeCancelled, Progress
+from lib_loraclr.progress import MergeCancelled, Progress
 from lib_loraclr.merge.solvers import solve_fast, solve_reference
 from lib_loraclr.tiny import save_tiny_model
 

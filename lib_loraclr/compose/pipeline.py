@@ -240,14 +240,17 @@ def compose(
     steps, seed, height, width = options.steps, options.seed, options.height, options.width
     bar = None
     if progress:
-        from tqdm import tqdm
+        from ..cli import progress_bar
 
-        bar = tqdm(total=steps, desc="CLoRA", unit="step")
+        sink, bar = progress_bar()
+
+        def callback(i, n):
+            sink.update("compose", i + 1, n, message=f"sampling step {i + 1}/{n}")
     try:
         result = CLoRAPipeline(model)(
             prompt, concepts, subject_loras, styles=list(zip(style_loras, style_groups)),
             negative_prompt=negative_prompt, steps=steps, seed=seed, height=height, width=width,
-            settings=settings, sampler=sampler, callback=(lambda i, n: bar.update(1)) if bar else None,
+            settings=settings, sampler=sampler, callback=callback if bar else None,
         )
     finally:
         if bar is not None:

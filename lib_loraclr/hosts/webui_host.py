@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 
 from ..lora.reader import peek_lora
-from ..merge.progress import Progress
+from ..progress import Progress
 from ..model import ModelAccess
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")

@@ -44,7 +44,7 @@ from .memory import (
     stream_costs,
 )
 from .objective import MergeSettings
-from .progress import Progress
+from ..progress import Progress
 from .report import ReportCollector, quality
 from .solvers import solve_fast, solve_lsq, solve_reference, solve_sum
 

@@ -16,7 +16,7 @@ from ..model import ModelAccess
 from ..validation import InputError, Strength, Trigger, checked, text
 from .engine import Concept, LoraclrMerge
 from .objective import MergeSettings
-from .progress import Progress
+from ..progress import Progress
 from .report import format_table
 
 
