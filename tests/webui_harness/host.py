@@ -399,8 +399,11 @@ class A1111Host:
         """The tiny model's layer a kohya module name (``lora_unet_down_blocks_0_...``, no
         ``.lora_up.weight`` suffix) maps to, by the built-in Lora's own key conversion."""
         import networks
+        mapping = self.shared.sd_model.network_layer_mapping
         key = networks.convert_diffusers_name_to_compvis(kohya_module_name, False)
-        return self.shared.sd_model.network_layer_mapping[key]
+        if key not in mapping:  # load_network's fallback for SDXL's ldm-named UNet keys
+            key = kohya_module_name.replace("lora_unet", "diffusion_model")
+        return mapping[key]
 
     def refresh_loras(self):
         import networks
