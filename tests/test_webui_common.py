@@ -5,9 +5,9 @@ The WebUI hosts' own adapters are tested with the contract harness in ``tests/we
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import contextlib
 import threading
 import time
 
@@ -237,3 +237,71 @@ def test_tab_values_become_a_merge_request():
     budgeted = merge_request_from_ui([["a", "x", 1], ["b", "y", 1]], "loraclr", "out", 0, False,
                                      {"max_memory_gb": 2.5, "report": True}).merge_settings()
     assert budgeted.max_memory_gb == 2.5 and budgeted.report is True
+
+
+@pytest.mark.parametrize("present, expected", [
+    (set(), "a1111"),  # no modules_forge
+    ({"modules_forge", "backend", "backend.diffusion_engine"}, "forge"),  # Forge 2: backend, no ldm_patched
+    ({"modules_forge", "ldm_patched"}, "Forge 1"),
+    ({"modules_forge", "ldm_patched", "backend", "backend.diffusion_engine"}, "reForge"),
+])
+def test_host_kind_tells_forge_2_from_forge_1_and_reforge_by_the_code_they_ship(monkeypatch, capsys, present, expected):
+    from lib_loraclr.hosts import webui_host
+    from lib_loraclr.webui import supported_host
+
+    monkeypatch.setattr(webui_host, "_has_module", lambda name: name in present)
+    if expected in ("a1111", "forge"):
+        assert webui_host.host_kind() == expected
+        assert type(supported_host()).__name__ == {"a1111": "A1111Host", "forge": "ForgeHost"}[expected]
+        return
+    with pytest.raises(webui_host.UnsupportedWebUI, match=f"looks like {expected}"):
+        webui_host.host_kind()
+    assert supported_host() is None
+    assert f"[LoRACLR] LoRACLR supports AUTOMATIC1111 1.10 and Forge 2.0; this WebUI looks like {expected}" in capsys.readouterr().out
+
+
+class _Processing:
+    """The parts of a WebUI ``StableDiffusionProcessing`` the composition script reads."""
+
+    def __init__(self):
+        self.extra_generation_params = {}
+        self.prompts = ["a cat <lora:cat_lora:1> and a dog <lora:other:0.5>"]
+        self.negative_prompts = [""]
+        self.height = self.width = 64
+        self.sampler = type("Sampler", (), {"model_wrap_cfg": type("Denoiser", (), {})()})()
+
+
+def test_composition_script_defers_a_bad_request_to_the_first_sampler_step(tmp_path):
+    """A failure in a hook is kept and raised when sampling starts (the WebUIs swallow hook
+    exceptions), the concept's <lora:> tag leaves the prompt, other tags stay, nothing is
+    left installed afterwards."""
+    from lib_loraclr.webui.compose_script import CompositionScript
+
+    class Host:
+        def model(self):
+            raise RuntimeError("no checkpoint is loaded")
+
+        def lora_files(self):
+            return {}
+
+    script = CompositionScript(Host())
+    p = _Processing()
+    request = {"enabled": True, "concepts": [{"lora": "cat_lora", "words": "cat"}, {"lora": "dog_lora", "words": "dog"}]}
+    script.process(p, [request])
+    assert p.extra_generation_params["LoRACLR"].startswith("{")
+    script.before_process_batch(p)
+    assert p.prompts == ["a cat  and a dog <lora:other:0.5>"]
+    script.process_batch(p)
+    assert isinstance(script.error, RuntimeError) and script.session is None
+    script.process_before_every_sampling(p)
+    with pytest.raises(RuntimeError, match="LoRACLR composition: no checkpoint is loaded"):
+        p.sampler.model_wrap_cfg.forward()
+    script.post_sample()
+    assert "forward" not in vars(p.sampler.model_wrap_cfg) and script.installed is None
+
+    script.process(p, [{"enabled": True, "concepts": [{"lora": "cat_lora", "words": "cat", "weight": "x"}]}])
+    assert script.request is None and "concepts" in str(script.error)
+    script.process(p, [{"enabled": False}])  # the next generation starts clean
+    assert script.request is None and script.error is None
+    script.process_before_every_sampling(p)
+    assert script.installed is None and "forward" not in vars(p.sampler.model_wrap_cfg)
