@@ -13,6 +13,7 @@ from lib_loraclr.cli import main
 from lib_loraclr.demo import concept_deltas
 from lib_loraclr.hosts.diffusers import load_base
 from lib_loraclr.jobs import JobManager
+from lib_loraclr.lora.base import LoraFile
 from lib_loraclr.lora.reader import read_lora
 from lib_loraclr.lora.writer import KohyaWriter, write_kohya_lora, write_sidecar
 from lib_loraclr.merge.capture import StatsCollector, layer_matrix
@@ -20,8 +21,9 @@ from lib_loraclr.merge.engine import LoraclrMerge, MergeInputError
 from lib_loraclr.merge.memory import activation_bytes
 from lib_loraclr.merge.objective import MergeSettings, exact_loss
 from lib_loraclr.merge.pipeline import load_concepts, merge_to_file
-from lib_loraclr.progress import MergeCancelled, Progress
 from lib_loraclr.merge.solvers import solve_fast, solve_reference
+from lib_loraclr.progress import MergeCancelled, Progress
+from lib_loraclr.runtime import LoraRuntime
 from lib_loraclr.tiny import save_tiny_model
 
 TRIGGERS = ("zqx fox", "vbk robot", "plm vase")
@@ -263,8 +265,19 @@ def test_cli_merges_files_from_other_tools(base_dir, model, tmp_path, capsys):
     assert set(merged.modules) == {attention, cross_v, conv, te_q, te_out}
     assert merged.modules[conv].delta_weight().shape == shape(conv)
     with open(report) as handle:
-        quality = json.load(handle)["quality"]["loraclr"]
+        summary = json.load(handle)
+    quality = summary["quality"]["loraclr"]
     assert all(quality[name]["overall"]["retention"] is not None for name in ("peft", "locon", "loha"))
+    # the end-to-end figure was taken on the merged deltas as written (3x3 conv included): the file
+    # read back gives the same figures
+    from lib_loraclr.merge.end_to_end import end_to_end
+
+    concepts = load_concepts([peft, locon, loha], ["zqx fox", "vbk robot", "plm vase"])
+    again = end_to_end(model, [c.lora for c in concepts], [1.0] * 3, [f"photo of a {c.trigger}" for c in concepts],
+                       merged, ["peft", "locon", "loha"], capture_size=64, capture_steps=3, seed=0)
+    for name in ("peft", "locon", "loha"):
+        assert again["merged"][name] == pytest.approx(summary["end_to_end"]["merged"][name], abs=1e-5)
+        assert again["stacked"][name] == pytest.approx(summary["end_to_end"]["stacked"][name], abs=1e-5)
 
 
 def _written_deltas(path):
@@ -421,3 +434,36 @@ def test_trigger_rows_read_a1111_syntax_like_the_webuis_and_find_the_trigger_tok
     assert model.tokenize([prompt])[0, expected[-1]] == model.tokenizer.eos_token_id
     with pytest.raises(MergeInputError, match="not found"):
         trigger_rows(model, ["photo of a mikuvocaloid"], ["miku"])
+
+
+def test_end_to_end_figure_is_one_for_the_concepts_own_lora_zero_for_none_and_the_formula_between(model, lora_paths):
+    """Known answers: a "merged" file that is concept 1's own LoRA keeps 1 for concept 1; an empty
+    one keeps 0 for everyone; concept 2's figure for concept 1's LoRA is the formula computed here
+    with separate runs (own, base, other) at the held-out latents, timesteps and size."""
+    from lib_loraclr.merge.end_to_end import SAMPLES, SEED_OFFSET, end_to_end, held_out_size, held_out_timesteps
+    from lib_loraclr.sampling import initial_noise, trailing_timesteps
+
+    assert held_out_size(64) == 128 and held_out_size(512) == 384 and held_out_size(1024) == 768
+    for steps in (1, 2, 4, 8, 20, 50, 200):
+        assert not set(held_out_timesteps(1000, steps)) & set(trailing_timesteps(1000, steps).tolist())
+    concepts = load_concepts(lora_paths[:2], None)
+    loras, prompts, names = [c.lora for c in concepts], ["photo of a zqx fox", "photo of a vbk robot"], ["a", "b"]
+    kwargs = dict(capture_size=SIZE, capture_steps=2, seed=5)
+    own = end_to_end(model, loras, [1.0, 1.0], prompts, loras[0], names, **kwargs)
+    assert own["merged"]["a"] == pytest.approx(1.0, abs=1e-4)
+    empty = LoraFile("none", "merged", None, {})
+    none = end_to_end(model, loras, [1.0, 1.0], prompts, empty, names, **kwargs)
+    assert none["merged"] == {"a": pytest.approx(0.0, abs=1e-6), "b": pytest.approx(0.0, abs=1e-6)}
+    assert none["stacked"] == own["stacked"]
+
+    size, timesteps = own["size"], own["timesteps"]
+    latents = initial_noise((SAMPLES * len(timesteps), 4, size // 8, size // 8), 5 + SEED_OFFSET)
+    with torch.no_grad():
+        def eps(active):
+            with LoraRuntime(model.targets(), [loras[i] for i in active]):
+                cond = model.encode([prompts[1]])
+                return torch.cat([model.unet_eps(latent[None], torch.tensor([t]), cond)
+                                  for latent, t in zip(latents, timesteps * SAMPLES)]).float()
+        concept_b, base, concept_a = eps([1]), eps([]), eps([0])
+    expected = 1 - ((concept_a - concept_b).square().sum() / (base - concept_b).square().sum()).sqrt().item()
+    assert own["merged"]["b"] == pytest.approx(expected, abs=1e-4)

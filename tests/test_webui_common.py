@@ -305,3 +305,14 @@ def test_composition_script_defers_a_bad_request_to_the_first_sampler_step(tmp_p
     assert script.request is None and script.error is None
     script.process_before_every_sampling(p)
     assert script.installed is None and "forward" not in vars(p.sampler.model_wrap_cfg)
+
+
+def test_report_rows_put_the_end_to_end_figure_beside_each_method():
+    from lib_loraclr.webui.ui import REPORT_HEADERS, report_rows
+
+    figures = {"retention": 0.81234, "crosstalk": 0.2, "error": None}
+    summary = {"method": "loraclr", "quality": {m: {"fox": {"overall": figures}} for m in ("loraclr", "sum")},
+               "end_to_end": {"merged": {"fox": 0.41234}, "stacked": {"fox": -0.05}}}
+    assert REPORT_HEADERS[-1] == "End to end"
+    assert report_rows(summary) == [["fox", "loraclr", 0.812, 0.2, None, 0.412], ["fox", "sum", 0.812, 0.2, None, -0.05]]
+    assert report_rows({**summary, "end_to_end": None})[0][-1] is None  # report off or older summaries

@@ -29,6 +29,7 @@ from ..lora.modules import LoraUpDown
 from ..lora.reader import check_same_arch
 from ..lora.writer import KohyaWriter
 from ..model import ModelAccess
+from ..progress import Progress
 from ..prompt import MAX_PROMPT_TOKENS, parse_attention, parse_prompt
 from ..runtime import LoraMismatchError, LoraRuntime, check_fits
 from ..sampling import initial_noise, sample
@@ -43,8 +44,8 @@ from .memory import (
     plan_passes,
     stream_costs,
 )
+from .end_to_end import end_to_end
 from .objective import MergeSettings
-from ..progress import Progress
 from .report import ReportCollector, quality
 from .solvers import solve_fast, solve_lsq, solve_reference, solve_sum
 
@@ -124,15 +125,20 @@ def only_targets(lora: LoraFile, keep) -> LoraFile:
     return LoraFile(lora.path, lora.format, lora.arch, modules, lora.metadata, lora.triggers)
 
 
-def as_lora(name: str, deltas: dict[str, LowRank]) -> LoraFile:
-    """Merged factors as an in-memory LoRA (scale 1), so the runtime can apply them as hooks."""
-    modules = {
-        target: LoraUpDown(target, tensors={
-            "lora_up.weight": delta.up, "lora_down.weight": delta.down,
-            "alpha": torch.tensor(float(delta.rank)),
+def as_lora(name: str, deltas: dict[str, LowRank], weight_shapes: dict[str, tuple[int, ...]] | None = None) -> LoraFile:
+    """Merged factors as an in-memory LoRA (scale 1), so the runtime can apply them as hooks.
+
+    weight_shapes: the layers' weight shapes, where a delta is a (flattened) conv's.
+    """
+    modules = {}
+    for target, delta in deltas.items():
+        up, down = delta.up, delta.down
+        shape = (weight_shapes or {}).get(target, ())
+        if len(shape) == 4:  # (out, r) @ (r, in * kh * kw) -> a conv LoRA's (out, r, 1, 1), (r, in, kh, kw)
+            up, down = up.reshape(*up.shape, 1, 1), down.reshape(down.shape[0], *shape[1:])
+        modules[target] = LoraUpDown(target, tensors={
+            "lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(float(delta.rank)),
         })
-        for target, delta in deltas.items()
-    }
     return LoraFile(name, "merged", None, modules)
 
 
@@ -372,6 +378,18 @@ class LoraclrMerge:
                 collected[method].update(collector.sums[method])
         self.result.seconds["report"] = time.perf_counter() - started
         return {method: quality(sums, self.result.stage_of, names) for method, sums in collected.items()}
+
+    def end_to_end(self, writer: KohyaWriter) -> dict:
+        """The written file against each concept's own LoRA through the whole model (``end_to_end.py``)."""
+        merged = as_lora("merged", {t: d for t in self.targets if (d := writer.stored(t)) is not None},
+                         {t: tuple(m.weight.shape) for t, m in self.targets.items()})
+        figures = end_to_end(
+            self.model, [c.lora for c in self.concepts], [c.weight for c in self.concepts], self.prompts(), merged,
+            [c.lora.name for c in self.concepts], capture_size=self.capture_size(),
+            capture_steps=self.settings.capture_steps, seed=self.settings.seed, progress=self.progress,
+        )
+        self.result.seconds["end_to_end"] = figures.pop("seconds")
+        return figures
 
     # --- capture stages -------------------------------------------------------------------
 

@@ -75,6 +75,7 @@ def merge_to_file(
     result = merge.run(writer)
     writer.seal()
     reports = merge.measure(writer) if settings.report else {}
+    end_to_end_figures = merge.end_to_end(writer) if settings.report else None
 
     progress.update("write", 0, 2, message="writing the merged LoRA")
     names = [c.lora.name for c in concepts]
@@ -110,13 +111,14 @@ def merge_to_file(
         "memory": {"budget_bytes": result.budget_bytes, "passes": result.passes, "batches": result.batches,
                    "peak_statistics_bytes": result.peak_stats_bytes},
         "quality": reports,
+        "end_to_end": end_to_end_figures,
         "settings": settings.to_dict(),
     }
     if report_path:
         files[report_path] = json.dumps(json_safe(summary), indent=1, default=str, allow_nan=False).encode()
     write_files(files, overwrite)
     progress.update("write", 2, 2, message=f"wrote {out_path}", check=False)
-    summary["table"] = format_table(reports) if reports else ""
+    summary["table"] = format_table(reports, end_to_end_figures) if reports else ""
     return summary
 
 

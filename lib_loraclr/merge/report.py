@@ -101,8 +101,9 @@ def quality(collected: dict[str, torch.Tensor], stage_of: dict[str, str], concep
     return {name: {g: acc.figures() for g, acc in groups.items()} for name, groups in accumulators.items()}
 
 
-def format_table(reports: dict[str, dict]) -> str:
-    """Side-by-side text table: one row per concept and group, one column pair per method."""
+def format_table(reports: dict[str, dict], end_to_end: dict | None = None) -> str:
+    """Side-by-side text table: one row per concept and group, one column pair per method; then
+    the end-to-end figure (``end_to_end.py``) of the merged file next to stacking."""
     methods = list(reports)
     concepts = list(next(iter(reports.values())))
     figures = ("retention", "crosstalk", "error")
@@ -121,4 +122,10 @@ def format_table(reports: dict[str, dict]) -> str:
                 f"{concept[:20]:<20} {group:<13}"
                 + "".join(f" {cell(r[f])}" for r in row for f in figures)
             )
+    if end_to_end:
+        lines += ["", f"end to end: UNet output kept on fresh latents at {end_to_end['size']} px, timesteps "
+                      f"{end_to_end['timesteps']} (1 = as the concept's own LoRA, 0 = as the base model)",
+                  f"{'concept':<20} {'merged':>10} {'stacked':>10}"]
+        for concept, value in end_to_end["merged"].items():
+            lines.append(f"{concept[:20]:<20} {cell(value)[3:]:>10} {cell(end_to_end['stacked'][concept])[3:]:>10}")
     return "\n".join(lines)

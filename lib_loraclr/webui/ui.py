@@ -23,7 +23,7 @@ from .merge_service import MergeRequest, MergeService
 INFOTEXT_KEY = "LoRACLR"
 POLL_SECONDS = 0.5
 CONCEPT_HEADERS = ["LoRA", "Trigger words", "Weight"]
-REPORT_HEADERS = ["Concept", "Method", "Retention", "Crosstalk", "Error"]
+REPORT_HEADERS = ["Concept", "Method", "Retention", "Crosstalk", "Error", "End to end"]
 
 # Advanced merge settings shown in the tab: (field, label, kind).
 MERGE_FIELDS = (
@@ -127,14 +127,16 @@ def _table_number(cell):
 
 
 def report_rows(summary: dict) -> list[list]:
-    """One row per concept and method: overall retention / crosstalk / error."""
+    """One row per concept and method: overall retention / crosstalk / error, and the end-to-end
+    figure (the written file's; on the "sum" row, plain stacking's)."""
+    end_to_end = summary.get("end_to_end") or {}
     rows = []
     for method, per_concept in (summary.get("quality") or {}).items():
+        whole = end_to_end.get("merged" if method == summary.get("method") else "stacked", {})
         for concept, groups in per_concept.items():
             overall = groups.get("overall", {})
-            rows.append([concept, method] + [
-                None if overall.get(k) is None else round(overall[k], 3) for k in ("retention", "crosstalk", "error")
-            ])
+            figures = [overall.get(k) for k in ("retention", "crosstalk", "error")] + [whole.get(concept)]
+            rows.append([concept, method] + [None if value is None else round(value, 3) for value in figures])
     return rows
 
 
