@@ -181,6 +181,7 @@ def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), 
             entry = {"single": {"single_prompts": mean_scores(judge_all(
                 np.concatenate([reference_images[k][1] for k in loaded]), single_jobs, loaded))}}
             grid = {"single": np.concatenate([reference_images[k][1] for k in loaded])}
+            stacked_report = None
             for method in methods:
                 t0 = time.time()
                 info = {}
@@ -198,6 +199,8 @@ def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), 
                             MergeSettings(method=method, capture_size=SIZE, capture_steps=capture_steps), path, overwrite=True)
                         info["merge_seconds"] = round(summary["seconds"]["total"], 1)
                         info["ranks"] = sorted(set(summary["ranks"].values()))
+                        info["report"] = report_means(summary, method)
+                        stacked_report = report_means(summary, "sum", "stacked")
                         loras = [read_lora(path)]
                     all_images = generate_with(model, loras, single_jobs + pair_jobs, steps)
                     single_rows = judge_all(all_images[:len(single_jobs)], single_jobs, loaded)
@@ -209,6 +212,8 @@ def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), 
                     entry[method]["single_prompts"] = mean_scores(single_rows)
                 grid[method] = (all_images[:len(single_jobs)] if method != "clora" else None, pair_images)
                 log(f"N={count} {method}: {time.time() - t0:.0f}s")
+            if "stack" in entry and stacked_report is not None:
+                entry["stack"]["report"] = stacked_report  # stacking = a lossless sum merge, measured beside each merge
             results["by_count"][str(count)] = entry
             images_for_grid[count] = (single_jobs, pair_jobs, grid)
             if out:  # partial results after every count, so a long run can be read while it goes
@@ -223,6 +228,24 @@ def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), 
         last = max(images_for_grid)
         image_grid(*images_for_grid[last], os.path.join(out, "grid.png"), count=last)
     return results
+
+
+def report_means(summary: dict, method: str, end_to_end_key: str = "merged") -> dict | None:
+    """Mean over concepts of the merge report's overall retention / crosstalk and end-to-end figure."""
+    quality = (summary.get("quality") or {}).get(method)
+    figures = summary.get("end_to_end") or {}
+    if not quality:
+        return None
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return float(np.mean(values)) if values else None
+
+    return {
+        "retention": mean(q["overall"]["retention"] for q in quality.values()),
+        "crosstalk": mean(q["overall"]["crosstalk"] for q in quality.values()),
+        "end_to_end": mean(figures.get(end_to_end_key, {}).values()),
+    }
 
 
 def _write(results: dict, out: str, partial: bool = False) -> None:
@@ -268,6 +291,17 @@ def format_table(results: dict) -> str:
         cells = [" / ".join(_number(entry[m]["pair_prompts"][k]) for k in ("fidelity", "recall", "bleeding"))
                  for m in methods]
         lines.append(f"| {count} | {_number(ref)} | " + " | ".join(cells) + " |")
+    reported = [m for m in merged if any("report" in entry.get(m, {}) for _, entry in by_count)]
+    if reported:
+        lines += ["", "Merge report (mean over the loaded concepts): retention / crosstalk / end to end "
+                      "(the whole UNet's output kept on fresh latents: 1 = the concept's own LoRA, 0 = base)",
+                  "| N | " + " | ".join(reported) + " |", "|---|" + "---|" * len(reported)]
+        for count, entry in by_count:
+            cells = []
+            for m in reported:
+                report = entry.get(m, {}).get("report") or {}
+                cells.append(" / ".join(_number(report.get(k)) for k in ("retention", "crosstalk", "end_to_end")))
+            lines.append(f"| {count} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

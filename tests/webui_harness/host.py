@@ -53,20 +53,22 @@ _PRISTINE_SDXL_MODELS = {}
 ARCHS = ("sd1", "sdxl")
 
 
+def package(name):
+    """The module ``name`` in sys.modules, an empty package made for it if there is none."""
+    mod = sys.modules.get(name)
+    if mod is None:
+        mod = types.ModuleType(name)
+        mod.__path__ = []
+        sys.modules[name] = mod
+    return mod
+
+
 def _install_ldm_aliases():
     """``import ldm_tiny`` / ``ldm.modules.attention`` / ``ldm.modules.diffusionmodules.openaimodel``
     -> webui_harness.ldm_tiny (one module object for the whole session, so cached models keep
     their classes)."""
     ldm_tiny = _ldm_tiny
     sys.modules["ldm_tiny"] = ldm_tiny
-
-    def package(name):
-        mod = sys.modules.get(name)
-        if mod is None:
-            mod = types.ModuleType(name)
-            mod.__path__ = []
-            sys.modules[name] = mod
-        return mod
 
     ldm = package("ldm")
     ldm.modules = package("ldm.modules")
@@ -82,14 +84,6 @@ def _install_sgm_aliases():
     ``sgm.modules.diffusionmodules.{openaimodel,wrappers,denoiser_scaling,discretizer}``
     -> webui_harness.sgm_tiny; ``sgm.modules.GeneralConditioner`` as sgm/modules/__init__.py exports."""
     sgm_tiny = _sgm_tiny
-
-    def package(name):
-        mod = sys.modules.get(name)
-        if mod is None:
-            mod = types.ModuleType(name)
-            mod.__path__ = []
-            sys.modules[name] = mod
-        return mod
 
     sgm = package("sgm")
     sgm.models = package("sgm.models")

@@ -1,5 +1,7 @@
 """backend.diffusion_engine.base: ForgeObjects and ForgeDiffusionEngine (WebUI-legacy attributes)."""
 
+import torch
+
 
 class ForgeObjects:
     def __init__(self, unet, clip, vae, clipvision):
@@ -54,3 +56,20 @@ class ForgeDiffusionEngine:
         self.is_sd2 = False
         self.is_sdxl = False
         self.is_sd3 = False
+
+
+class VaeFirstStage:
+    """``encode_first_stage`` / ``decode_first_stage`` through ``forge_objects.vae``: real sd15.py
+    and sdxl.py each carry these two methods word for word; the stand-in keeps one copy."""
+
+    @torch.inference_mode()
+    def encode_first_stage(self, x):
+        sample = self.forge_objects.vae.encode(x.movedim(1, -1) * 0.5 + 0.5)
+        sample = self.forge_objects.vae.first_stage_model.process_in(sample)
+        return sample.to(x)
+
+    @torch.inference_mode()
+    def decode_first_stage(self, x):
+        sample = self.forge_objects.vae.first_stage_model.process_out(x)
+        sample = self.forge_objects.vae.decode(sample).movedim(-1, 1) * 2.0 - 1.0
+        return sample.to(x)

@@ -9,14 +9,14 @@ import torch
 
 from backend import memory_management
 from backend.args import dynamic_args
-from backend.diffusion_engine.base import ForgeDiffusionEngine, ForgeObjects
+from backend.diffusion_engine.base import ForgeDiffusionEngine, ForgeObjects, VaeFirstStage
 from backend.patcher.clip import CLIP
 from backend.patcher.unet import UnetPatcher
 from backend.patcher.vae import VAE
 from backend.text_processing.classic_engine import ClassicTextProcessingEngine
 
 
-class StableDiffusion(ForgeDiffusionEngine):
+class StableDiffusion(VaeFirstStage, ForgeDiffusionEngine):
     matched_guesses = []
 
     def __init__(self, estimated_config, huggingface_components):
@@ -49,15 +49,3 @@ class StableDiffusion(ForgeDiffusionEngine):
     def get_prompt_lengths_on_ui(self, prompt):
         _, token_count = self.text_processing_engine.process_texts([prompt])
         return token_count, self.text_processing_engine.get_target_prompt_token_count(token_count)
-
-    @torch.inference_mode()
-    def encode_first_stage(self, x):
-        sample = self.forge_objects.vae.encode(x.movedim(1, -1) * 0.5 + 0.5)
-        sample = self.forge_objects.vae.first_stage_model.process_in(sample)
-        return sample.to(x)
-
-    @torch.inference_mode()
-    def decode_first_stage(self, x):
-        sample = self.forge_objects.vae.first_stage_model.process_out(x)
-        sample = self.forge_objects.vae.decode(sample).movedim(-1, 1) * 2.0 - 1.0
-        return sample.to(x)
