@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ..model import Conditioning
+from .openclip import open_clip_targets
 from .webui_denoiser import ComposeDenoiser, StepInput, kdiffusion_scale
 from .webui_host import WebUIHost
-from .openclip import open_clip_targets
 from .webui_model import WebUIModel
 
 class A1111Model(WebUIModel):

@@ -14,8 +14,8 @@ import sys
 from collections.abc import Iterator
 
 from ..lora.reader import peek_lora
-from ..progress import Progress
 from ..model import ModelAccess
+from ..progress import Progress
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
