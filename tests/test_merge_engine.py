@@ -443,7 +443,7 @@ def test_end_to_end_figure_is_one_for_the_concepts_own_lora_zero_for_none_and_th
     from lib_loraclr.merge.end_to_end import SAMPLES, SEED_OFFSET, end_to_end, held_out_size, held_out_timesteps
     from lib_loraclr.sampling import initial_noise, trailing_timesteps
 
-    assert held_out_size(64) == 128 and held_out_size(512) == 384 and held_out_size(1024) == 768
+    assert held_out_size(64) == (64, 128) and held_out_size(512) == (512, 384) and held_out_size(1024) == (1024, 768)
     for steps in (1, 2, 4, 8, 20, 50, 200):
         assert not set(held_out_timesteps(1000, steps)) & set(trailing_timesteps(1000, steps).tolist())
     concepts = load_concepts(lora_paths[:2], None)
@@ -456,8 +456,8 @@ def test_end_to_end_figure_is_one_for_the_concepts_own_lora_zero_for_none_and_th
     assert none["merged"] == {"a": pytest.approx(0.0, abs=1e-6), "b": pytest.approx(0.0, abs=1e-6)}
     assert none["stacked"] == own["stacked"]
 
-    size, timesteps = own["size"], own["timesteps"]
-    latents = initial_noise((SAMPLES * len(timesteps), 4, size // 8, size // 8), 5 + SEED_OFFSET)
+    (height, width), timesteps = own["size"], own["timesteps"]
+    latents = initial_noise((SAMPLES * len(timesteps), 4, height // 8, width // 8), 5 + SEED_OFFSET)
     with torch.no_grad():
         def eps(active):
             with LoraRuntime(model.targets(), [loras[i] for i in active]):

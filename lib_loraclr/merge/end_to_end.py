@@ -25,8 +25,8 @@ from ..progress import Progress
 from ..runtime import LoraRuntime
 from ..sampling import initial_noise, trailing_timesteps
 
-CANDIDATE_TIMESTEPS = (937, 661, 419, 163)  # spread over the schedule; moved off the capture's grid
-SAMPLES = 1  # fresh latents per timestep: 4 UNet evaluations (batch 4) per concept
+CANDIDATE_TIMESTEPS = (837, 519, 213)  # spread over the schedule; moved off the capture's grid
+SAMPLES = 1  # fresh latents per timestep: 3 UNet evaluations (a batch of 4) per concept
 SEED_OFFSET = 1_000_003  # the latents' seed: the merge seed + this, never the capture's noise
 
 
@@ -41,10 +41,11 @@ def held_out_timesteps(num_train_timesteps: int, capture_steps: int) -> list[int
     return held_out
 
 
-def held_out_size(capture_size: int) -> int:
-    """Three quarters of the capture size in steps of 64 px (the UNet's stride), never the capture size."""
-    size = max(64, capture_size * 3 // 4 // 64 * 64)
-    return size + 64 if size == capture_size else size
+def held_out_size(capture_size: int) -> tuple[int, int]:
+    """(height, width): the capture's height, and a width of three quarters of it in steps of 64 px
+    (the UNet's stride), or 64 px more where that would be the capture size (small captures)."""
+    width = max(64, capture_size * 3 // 4 // 64 * 64)
+    return capture_size, width + 64 if width == capture_size else width
 
 
 def kept(distance_sq: float, reference_sq: float) -> float | None:
@@ -66,14 +67,14 @@ def end_to_end(
     seed: int,
     progress: Progress | None = None,
 ) -> dict:
-    """{"size", "timesteps", "samples", "merged": {name: kept}, "stacked": {name: kept}, "seconds"}."""
+    """{"size": [height, width], "timesteps", "samples", "merged": {name: kept}, "stacked": {name: kept}, "seconds"}."""
     progress = progress or Progress()
     started = time.perf_counter()
     n = len(loras)
-    size = held_out_size(capture_size)
+    height, width = held_out_size(capture_size)
     timesteps = held_out_timesteps(len(model.alphas_cumprod), capture_steps)
     factor = model.vae_scale_factor
-    shape = (SAMPLES * len(timesteps), model.latent_channels, size // factor, size // factor)
+    shape = (SAMPLES * len(timesteps), model.latent_channels, height // factor, width // factor)
     latents = initial_noise(shape, seed + SEED_OFFSET).to(model.device, model.dtype)
     steps = torch.tensor(timesteps, device=model.device).repeat(SAMPLES)
     # row sets: base, concept i alone, the merged file (index n), every concept stacked
@@ -81,7 +82,7 @@ def end_to_end(
     figures = {"merged": {}, "stacked": {}}
     with LoraRuntime(model.targets(), [*loras, merged], [*weights, 1.0]) as runtime:
         for i, (name, prompt) in enumerate(zip(names, prompts)):
-            progress.update("report", i, n, message=f"end to end: {name} on fresh latents at {size} px ({i + 1}/{n})")
+            progress.update("report", i, n, message=f"end to end: {name} on fresh latents at {width}x{height} px ({i + 1}/{n})")
             row_sets = [[], [i], [n], stacked]
             conds = []
             for row_set in row_sets:
@@ -100,5 +101,5 @@ def end_to_end(
             figures["merged"][name] = kept(totals["merged"], totals["base"])
             figures["stacked"][name] = kept(totals["stacked"], totals["base"])
     progress.update("report", n, n, message="end to end: done")
-    return {"size": size, "timesteps": timesteps, "samples": SAMPLES, **figures,
+    return {"size": [height, width], "timesteps": timesteps, "samples": SAMPLES, **figures,
             "seconds": time.perf_counter() - started}

@@ -123,7 +123,8 @@ def format_table(reports: dict[str, dict], end_to_end: dict | None = None) -> st
                 + "".join(f" {cell(r[f])}" for r in row for f in figures)
             )
     if end_to_end:
-        lines += ["", f"end to end: UNet output kept on fresh latents at {end_to_end['size']} px, timesteps "
+        height, width = end_to_end["size"]
+        lines += ["", f"end to end: UNet output kept on fresh latents at {width}x{height} px, timesteps "
                       f"{end_to_end['timesteps']} (1 = as the concept's own LoRA, 0 = as the base model)",
                   f"{'concept':<20} {'merged':>10} {'stacked':>10}"]
         for concept, value in end_to_end["merged"].items():
