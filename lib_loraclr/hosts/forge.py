@@ -116,6 +116,14 @@ class ForgeHost(WebUIHost):
     compose_denoiser = ForgeComposeDenoiser
     grad_context = GradThroughFrozen
 
+    def model(self) -> ForgeModel:
+        """Forge loads the selected checkpoint lazily (``shared.sd_model`` is a ``FakeInitialModel``
+        until the first generation): load it as a generation does, then wrap it."""
+        from modules import sd_models
+
+        sd_models.forge_model_reload()
+        return super().model()
+
     @contextlib.contextmanager
     def base_model(self):
         model = self.model()

@@ -44,3 +44,35 @@ def test_merge_shows_as_the_webui_job_and_interrupt_cancels_it(host, monkeypatch
     assert shared.state.job == "" and shared.state.job_count == 0
     after = host.txt2img("a cat", seed=1, steps=1)  # the queue lock is free and generation is unchanged
     assert np.array_equal(pixels(before), pixels(after))
+
+
+def test_a_merge_before_any_generation_loads_forges_lazy_model(tmp_path):
+    """Real Forge starts with ``shared.sd_model`` a ``FakeInitialModel`` and loads the checkpoint at
+    the first generation; a merge started first must load it the same way, not fail on it."""
+    from conftest import _started
+    from webui_harness.forge_host import ForgeHost
+
+    for host in _started(ForgeHost(str(tmp_path / "forge"), lazy_model=True)):
+        from lib_loraclr.hosts.webui_host import current_host
+        from lib_loraclr.lora.writer import write_kohya_lora, write_sidecar
+        from lib_loraclr.webui.merge_service import MergeRequest, MergeService
+        from modules import sd_models, shared
+
+        assert isinstance(shared.sd_model, sd_models.FakeInitialModel)
+        model = current_host().model()  # loads it, as a generation would
+        assert model.arch == "sd1" and not isinstance(shared.sd_model, sd_models.FakeInitialModel)
+        from test_extension import attention_deltas
+
+        for seed, name in ((1, "cat_lora"), (2, "dog_lora")):
+            path = os.path.join(host.lora_dir, f"{name}.safetensors")
+            write_kohya_lora(path, attention_deltas(model, seed), model.arch, rank=4)
+            write_sidecar(path, name, arch=model.arch)
+        sd_models.model_data.set_sd_model(sd_models.FakeInitialModel())  # as at start-up
+        sd_models.model_data.forge_hash = ""
+        host.refresh_loras()
+        service = MergeService(current_host())
+        job = service.start(MergeRequest(["cat_lora", "dog_lora"], ["sks cat", "zqx dog"], "lazy",
+                                         settings={"capture_steps": 1, "capture_size": 64, "report": False}))
+        status = service.jobs.wait(job, 120)
+        assert status.state == "done", status.error
+        assert os.path.isfile(os.path.join(host.lora_dir, "lazy.safetensors"))

@@ -241,11 +241,14 @@ class ForgeHost(A1111Host):
 
     ``arch``: "sd1" (``StableDiffusion``) or "sdxl" (``StableDiffusionXL``: clip_l + clip_g, ADM UNet)."""
 
-    def __init__(self, data_dir: str, *, arch: str = "sd1", **kwargs):
+    def __init__(self, data_dir: str, *, arch: str = "sd1", lazy_model: bool = False, **kwargs):
+        """lazy_model: like real Forge at start-up, ``shared.sd_model`` stays a ``FakeInitialModel``
+        until something calls ``forge_model_reload()`` (a generation does)."""
         if arch not in ARCHS:
             raise ValueError(f"the Forge stand-in builds {sorted(ARCHS)}, not {arch!r}")
         super().__init__(data_dir, **kwargs)  # A1111Host's own keywords only (seed, threads)
         self.arch = arch
+        self.lazy_model = lazy_model
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -348,6 +351,8 @@ class ForgeHost(A1111Host):
         sd_models.model_data.forge_loading_parameters = dict(checkpoint_info=info, additional_modules=[], unet_storage_dtype=None,
                                                             harness_loader=loader)
         sd_models.model_data.forge_hash = ''
+        if self.lazy_model:
+            return None
         sd_model, _ = sd_models.forge_model_reload()
         return sd_model
 
