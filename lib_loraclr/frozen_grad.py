@@ -9,6 +9,9 @@ the graph. CLoRA needs d(loss)/d(latent) through part of the UNet, so inside
 - linear and conv calls on a frozen (inference) weight run through autograd functions that
   keep the weight as a plain reference for their backward (the weight needs no gradient,
   so nothing of it has to be saved) instead of ``save_for_backward``;
+- the same for a cast copy of a frozen weight (Forge's manual cast: bf16/fp8 storage computed
+  in fp16/fp32, ``weight.to(dtype=x.dtype)`` in each layer's forward): the backward keeps the
+  stored weight and casts it again, so the graph never holds a second copy of the UNet;
 - any other call that would save an inference tensor (the norms' small affine weights) gets
   an ordinary copy of it;
 - ``x += n`` (and ``-=``, ``*=``, ``/=``) on tensors in the graph becomes out of place.
@@ -34,21 +37,30 @@ _IN_PLACE = {
 }
 
 
+# Attribute set on a cast copy of a frozen weight: the stored tensor it was cast from.
+_CAST_FROM = "_loraclr_cast_from"
+
+
+def _stored(weight: torch.Tensor) -> torch.Tensor:
+    """What a backward may keep for ``weight``: the frozen tensor itself, or the one it was cast from."""
+    return getattr(weight, _CAST_FROM, weight)
+
+
 class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_states, weight, bias):
-        ctx.weight = weight  # a reference, not save_for_backward: inference tensors may not be saved
+        ctx.weight = _stored(weight)  # a reference, not save_for_backward: inference tensors may not be saved
         return F.linear(hidden_states, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return grad_output.matmul(ctx.weight.to(grad_output.dtype)), None, None
+        return grad_output.matmul(ctx.weight.to(grad_output.device, grad_output.dtype)), None, None
 
 
 class _FrozenConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_states, weight, bias, stride, padding, dilation, groups):
-        ctx.weight = weight
+        ctx.weight = _stored(weight)
         ctx.input_shape = hidden_states.shape
         ctx.conv = (stride, padding, dilation, groups)
         return F.conv2d(hidden_states, weight, bias, stride, padding, dilation, groups)
@@ -57,7 +69,8 @@ class _FrozenConv2d(torch.autograd.Function):
     def backward(ctx, grad_output):
         stride, padding, dilation, groups = ctx.conv
         grad_input = torch.nn.grad.conv2d_input(
-            ctx.input_shape, ctx.weight.to(grad_output.dtype), grad_output, stride, padding, dilation, groups
+            ctx.input_shape, ctx.weight.to(grad_output.device, grad_output.dtype), grad_output, stride, padding,
+            dilation, groups,
         )
         return grad_input, None, None, None, None, None, None
 
@@ -68,6 +81,11 @@ def _needs_grad(values) -> bool:
 
 def _is_frozen(value) -> bool:
     return isinstance(value, torch.Tensor) and value.is_inference()
+
+
+def _is_frozen_weight(value) -> bool:
+    """A frozen tensor, or a cast copy of one (marked when the cast ran inside the mode)."""
+    return _is_frozen(value) or hasattr(value, _CAST_FROM)
 
 
 def _plain(value):
@@ -82,10 +100,17 @@ class GradThroughFrozen(TorchFunctionMode):
         kwargs = kwargs or {}
         if not torch.is_grad_enabled():
             return func(*args, **kwargs)
+        if func is torch.Tensor.to and args and _is_frozen(args[0]):
+            cast = func(*args, **kwargs)
+            if cast is not args[0] and not cast.is_inference():
+                setattr(cast, _CAST_FROM, args[0])
+            return cast
+        if args and hasattr(args[0], _CAST_FROM) and getattr(func, "__name__", "").endswith("_"):
+            delattr(args[0], _CAST_FROM)  # changed in place: no longer a plain cast of the stored weight
         values = list(args) + list(kwargs.values())
         if func in _IN_PLACE and _needs_grad(values):
             return _IN_PLACE[func](*args, **kwargs)
-        if not any(_is_frozen(v) for v in values) or not _needs_grad(values):
+        if not any(_is_frozen_weight(v) for v in values) or not _needs_grad(values):
             return func(*args, **kwargs)
         if func is F.linear and _frozen_weight_call(args, kwargs, 3):
             hidden_states, weight, bias = _bound(args, kwargs, ("input", "weight", "bias"), (None,))
@@ -99,10 +124,10 @@ class GradThroughFrozen(TorchFunctionMode):
 
 
 def _frozen_weight_call(args, kwargs, arity: int) -> bool:
-    """True when only the weight/bias are frozen and the input is an ordinary tensor."""
+    """True when only the weight/bias are frozen (or cast from frozen) and the input is an ordinary tensor."""
     weight = args[1] if len(args) > 1 else kwargs.get("weight")
     hidden_states = args[0] if args else kwargs.get("input")
-    return _is_frozen(weight) and not _is_frozen(hidden_states) and len(args) <= arity
+    return _is_frozen_weight(weight) and not _is_frozen_weight(hidden_states) and len(args) <= arity
 
 
 def _bound(args, kwargs, names, defaults) -> list:

@@ -80,3 +80,46 @@ def test_outside_grad_the_mode_changes_nothing():
         with GradThroughFrozen():
             inside = frozen(x)
     assert torch.equal(plain, inside)
+
+
+class ManualCastLinear(nn.Module):
+    """Forge's ``operations.Linear`` with manual cast: bf16 storage, cast to the input's dtype in
+    every forward (``weights_manual_cast``); ``casts`` records weak references to the copies."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        with torch.inference_mode():
+            self.weight = linear.weight.detach().to(torch.bfloat16).clone()
+            self.bias = linear.bias.detach().to(torch.bfloat16).clone()
+        self.casts = []
+
+    def forward(self, x):
+        import weakref
+
+        weight, bias = self.weight.to(device=x.device, dtype=x.dtype), self.bias.to(device=x.device, dtype=x.dtype)
+        self.casts.append(weakref.ref(weight))
+        return torch.nn.functional.linear(x, weight, bias)
+
+
+def test_cast_copies_of_frozen_weights_are_not_kept_for_backward_and_the_gradient_is_exact():
+    """The graph keeps the stored (bf16) weight, never its fp32 cast: after the forward every cast
+    copy is gone, and the gradient equals the one through ordinary fp32 weights cast from it."""
+    import gc
+
+    torch.manual_seed(3)
+    layers = [nn.Linear(16, 16) for _ in range(3)]
+    model = nn.Sequential(*[ManualCastLinear(layer) for layer in layers])
+    reference = nn.Sequential(*[nn.Linear(16, 16) for _ in range(3)])
+    with torch.no_grad():
+        for ours, plain in zip(model, reference):
+            plain.weight.copy_(ours.weight.float())
+            plain.bias.copy_(ours.bias.float())
+    x = torch.randn(4, 16)
+    expected = input_grad(reference, x)
+    leaf = x.clone().requires_grad_(True)
+    with GradThroughFrozen():
+        loss = model(leaf).square().sum()
+        gc.collect()
+        assert all(cast() is None for layer in model for cast in layer.casts), "a cast copy is held by the graph"
+        (got,) = torch.autograd.grad(loss, leaf)
+    torch.testing.assert_close(got, expected)
