@@ -42,11 +42,15 @@ class Progress:
         self._lock = threading.Lock()
 
     def update(self, stage: str, done: int = 0, total: int = 1, layer: str = "", message: str = "", check: bool = True):
-        """Record progress; raises ``MergeCancelled`` here if the user cancelled (unless ``check`` is False)."""
+        """Record progress; raises ``MergeCancelled`` here if the user cancelled (unless ``check`` is False).
+
+        The overall fraction never goes back (a stage that runs again, e.g. a second capture
+        pass, holds the bar where it was), so progress bars only move forward.
+        """
         start, end = STAGE_SPAN.get(stage, (0.0, 1.0))
-        fraction = start + (end - start) * (done / max(total, 1))
+        fraction = min(max(start + (end - start) * (done / max(total, 1)), 0.0), 1.0)
         with self._lock:
-            self.state = ProgressState(stage, layer, min(max(fraction, 0.0), 1.0), message)
+            self.state = ProgressState(stage, layer, max(fraction, self.state.fraction), message)
         for listener in list(self.listeners):
             listener(self.state)
         if check:

@@ -467,3 +467,18 @@ def test_end_to_end_figure_is_one_for_the_concepts_own_lora_zero_for_none_and_th
         concept_b, base, concept_a = eps([1]), eps([]), eps([0])
     expected = 1 - ((concept_a - concept_b).square().sum() / (base - concept_b).square().sum()).sqrt().item()
     assert own["merged"]["b"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_progress_only_moves_forward_when_a_stage_runs_again():
+    """The UNet stage plans (0.6) before its sampling (0.2-0.6) and a second capture pass samples
+    again: the bar holds instead of jumping back; the stage text still says what runs."""
+    seen = []
+    progress = Progress(lambda state: seen.append((state.stage, state.fraction)))
+    progress.update("unet", 0, 10, message="planning the unet capture")
+    progress.update("sampling", 1, 4)
+    progress.update("unet", 5, 10)
+    progress.update("sampling", 1, 4)
+    progress.update("write", 2, 2)
+    fractions = [fraction for _, fraction in seen]
+    assert fractions == sorted(fractions) and fractions[0] == pytest.approx(0.6) and fractions[-1] == 1.0
+    assert [stage for stage, _ in seen] == ["unet", "sampling", "unet", "sampling", "write"]

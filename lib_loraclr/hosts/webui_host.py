@@ -115,6 +115,7 @@ class WebUIHost:
             yield
         finally:
             progress.listeners.remove(follow)
+            state.textinfo = None  # the job is over: /sdapi/v1/progress shows no merge text
             state.end()
 
     def install_compose(self, p, session):

@@ -41,7 +41,7 @@ def test_merge_shows_as_the_webui_job_and_interrupt_cancels_it(host, monkeypatch
     status = service.jobs.wait(job, 120)
     assert status.state == "cancelled", status
     assert [name for name in os.listdir(host.lora_dir) if name.startswith("busy")] == []
-    assert shared.state.job == "" and shared.state.job_count == 0
+    assert shared.state.job == "" and shared.state.job_count == 0 and shared.state.textinfo is None
     after = host.txt2img("a cat", seed=1, steps=1)  # the queue lock is free and generation is unchanged
     assert np.array_equal(pixels(before), pixels(after))
 
