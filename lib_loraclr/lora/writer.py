@@ -20,9 +20,10 @@ from collections.abc import Mapping, Sequence
 import safetensors.torch
 import torch
 
-from .base import LoraFormatError, sidecar_path
+from .base import LoraFile, LoraFormatError, sidecar_path
 from .keys import kohya_key
 from .lowrank import LowRank
+from .modules import LoraUpDown
 from .reader import read_lora
 
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -338,6 +339,18 @@ class KohyaWriter:
         up, down = self.tensors[f"{name}.lora_up.weight"], self.tensors[f"{name}.lora_down.weight"]
         scale = self.alpha / down.shape[0]
         return LowRank(up.float().flatten(1) * scale, down.float().flatten(1))
+
+    def sealed_lora(self, name: str) -> LoraFile:
+        """The sealed file as an in-memory LoRA, its modules holding the stored tensors (no copy)."""
+        if self.alpha is None:
+            raise RuntimeError("seal the writer first")
+        modules = {}
+        for target in self._sealed_ranks:
+            key = kohya_key(target, self.arch)
+            modules[target] = LoraUpDown(target, tensors={
+                role: self.tensors[f"{key}.{role}"] for role in ("lora_up.weight", "lora_down.weight", "alpha")
+            })
+        return LoraFile(name, "kohya", self.arch, modules)
 
     def save(self, path: str, metadata: dict | None = None, overwrite: bool = False) -> dict:
         """Write the sealed file atomically; returns {"path", "ranks", "errors", "skipped", "model_hash"}."""

@@ -125,20 +125,15 @@ def only_targets(lora: LoraFile, keep) -> LoraFile:
     return LoraFile(lora.path, lora.format, lora.arch, modules, lora.metadata, lora.triggers)
 
 
-def as_lora(name: str, deltas: dict[str, LowRank], weight_shapes: dict[str, tuple[int, ...]] | None = None) -> LoraFile:
-    """Merged factors as an in-memory LoRA (scale 1), so the runtime can apply them as hooks.
-
-    weight_shapes: the layers' weight shapes, where a delta is a (flattened) conv's.
-    """
-    modules = {}
-    for target, delta in deltas.items():
-        up, down = delta.up, delta.down
-        shape = (weight_shapes or {}).get(target, ())
-        if len(shape) == 4:  # (out, r) @ (r, in * kh * kw) -> a conv LoRA's (out, r, 1, 1), (r, in, kh, kw)
-            up, down = up.reshape(*up.shape, 1, 1), down.reshape(down.shape[0], *shape[1:])
-        modules[target] = LoraUpDown(target, tensors={
-            "lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(float(delta.rank)),
+def as_lora(name: str, deltas: dict[str, LowRank]) -> LoraFile:
+    """Merged factors as an in-memory LoRA (scale 1), so the runtime can apply them as hooks."""
+    modules = {
+        target: LoraUpDown(target, tensors={
+            "lora_up.weight": delta.up, "lora_down.weight": delta.down,
+            "alpha": torch.tensor(float(delta.rank)),
         })
+        for target, delta in deltas.items()
+    }
     return LoraFile(name, "merged", None, modules)
 
 
@@ -381,8 +376,7 @@ class LoraclrMerge:
 
     def end_to_end(self, writer: KohyaWriter) -> dict:
         """The written file against each concept's own LoRA through the whole model (``end_to_end.py``)."""
-        merged = as_lora("merged", {t: d for t in self.targets if (d := writer.stored(t)) is not None},
-                         {t: tuple(m.weight.shape) for t, m in self.targets.items()})
+        merged = writer.sealed_lora("merged")
         figures = end_to_end(
             self.model, [c.lora for c in self.concepts], [c.weight for c in self.concepts], self.prompts(), merged,
             [c.lora.name for c in self.concepts], capture_size=self.capture_size(),
