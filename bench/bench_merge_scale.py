@@ -368,6 +368,8 @@ def bench_arch(args, arch, counts, flags, kill_above, log) -> dict:
             "no_report_merge_s": without["merge_s"] if without and without["rc"] == 0 else None,
             "no_report_peak_gib": gib(without["peak_rss"]) if without and without["rc"] == 0 else None,
             "report_share": share, "report_share_wall": share_wall,
+            "end_to_end_share": (with_report["seconds"] or {}).get("end_to_end", 0.0) / with_report["merge_s"]
+            if ok and with_report["merge_s"] and with_report["seconds"] else None,
             "seconds": with_report["seconds"],
             "failure": None if ok else describe_failure(with_report),
             "no_report_failure": None if without is None or without["rc"] == 0 else describe_failure(without),
@@ -391,7 +393,7 @@ COLUMNS = [  # (key, header, width, format)
     ("arch", "arch", 5, "s"), ("N", "N", 3, "d"), ("model_gib", "model", 6, ".2f"), ("peak_gib", "peak", 6, ".2f"),
     ("extra_gib", "+model", 7, ".2f"), ("target_extra_gib", "target", 7, ".0f"), ("verdict", "ok", 4, "s"),
     ("merge_peak_gib", "merge_pk", 8, ".2f"), ("old_design_gib", "old", 7, ".2f"), ("merge_s", "merge_s", 8, ".1f"),
-    ("no_report_merge_s", "norep_s", 8, ".1f"), ("report_share", "rep%", 6, ".0%"),
+    ("no_report_merge_s", "norep_s", 8, ".1f"), ("report_share", "rep%", 6, ".0%"), ("end_to_end_share", "e2e%", 6, ".0%"),
     ("no_report_peak_gib", "norep_pk", 8, ".2f"), ("wall_s", "wall_s", 7, ".1f"),
 ]
 LEGEND = """\
@@ -399,8 +401,9 @@ GiB of RSS of the merge child. model: a child after load_base only; peak: the me
 +model: peak - model, against target (the rewrite's goal, for up to 12 LoRAs); merge_pk: peak from the first
 progress update on (without load_base's transient); old: statistics the previous engine held, sum over targets
 of N*D_in^2*8 (float64 Grams) + N*D_out*D_in*4 (dense fp32 deltas). merge_s: seconds from the first progress
-update to exit, with the report; norep_s / norep_pk: the same run with --no-report; rep%: (merge_s - norep_s)
-/ merge_s; wall_s: the whole child (start, load_base, merge). seconds: the report JSON's "seconds"."""
+update to exit, with the report; norep_s / norep_pk: the same run with --no-report (the end-to-end figure runs
+in both); rep%: (merge_s - norep_s) / merge_s, the per-layer report's share; e2e%: the end-to-end figure's
+seconds / merge_s; wall_s: the whole child (start, load_base, merge). seconds: the report JSON's "seconds"."""
 
 
 def print_table(rows):

@@ -73,6 +73,8 @@ def _add_merge_settings(parser: argparse.ArgumentParser):
                              "most 4); when the layers' statistics exceed it, features are captured in several passes")
     parser.add_argument("--no-report", action="store_true",
                         help="skip the quality report (it costs one more capture pass per stage)")
+    parser.add_argument("--no-end-to-end", action="store_true",
+                        help="skip the end-to-end figure (3 UNet evaluations of a batch of 4 per concept)")
 
 
 def _settings_from(args) -> MergeSettings:
@@ -80,7 +82,7 @@ def _settings_from(args) -> MergeSettings:
         method=args.method, solver=args.solver, margin=args.margin, lambda_reg=args.lambda_reg,
         lambda_mse=args.lambda_mse, lr=args.lr, iters=args.iters, rank=args.rank, energy=args.energy,
         max_rank=args.max_rank, capture_steps=args.capture_steps, capture_size=args.capture_size, seed=args.seed,
-        report=not args.no_report, max_memory_gb=args.max_memory,
+        report=not args.no_report, end_to_end=not args.no_end_to_end, max_memory_gb=args.max_memory,
     )
     try:
         return MergeSettings(**values)

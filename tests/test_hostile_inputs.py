@@ -73,7 +73,7 @@ def cli(capsys, *args) -> tuple[int, str]:
     ({"method": "magic"}, "merge settings: method: unexpected value; permitted: 'loraclr', 'lsq', 'sum', 'svd'"),
     ({"speed": 1}, "merge settings: speed: unknown merge setting (known: method, solver, margin, lambda_con, "
                    "lambda_mse, lambda_reg, lr, weight_decay, iters, refine_iters, rank, energy, max_rank, "
-                   "clamp_quantile, capture_steps, capture_size, seed, report, max_memory_gb)"),
+                   "clamp_quantile, capture_steps, capture_size, seed, report, end_to_end, max_memory_gb)"),
 ])
 def test_merge_settings_refuse_bad_values_by_name(values, message):
     with pytest.raises(InputError) as error:

@@ -482,3 +482,14 @@ def test_progress_only_moves_forward_when_a_stage_runs_again():
     fractions = [fraction for _, fraction in seen]
     assert fractions == sorted(fractions) and fractions[0] == pytest.approx(0.6) and fractions[-1] == 1.0
     assert [stage for stage, _ in seen] == ["unet", "sampling", "unet", "sampling", "write"]
+
+
+def test_the_end_to_end_figure_has_its_own_switch(model, lora_paths, tmp_path):
+    """Without the per-layer report the figure is still measured and printed; --no-end-to-end skips it."""
+    concepts = load_concepts(lora_paths[:2], None)
+    quick = dict(capture_size=SIZE, capture_steps=1, report=False)
+    alone = merge_to_file(model, concepts, MergeSettings(**quick), str(tmp_path / "a.safetensors"))
+    assert alone["quality"] == {} and set(alone["end_to_end"]["merged"]) == {"concept1", "concept2"}
+    assert alone["table"].startswith("end to end: ") and "end_to_end" in alone["seconds"]
+    none = merge_to_file(model, concepts, MergeSettings(**quick, end_to_end=False), str(tmp_path / "b.safetensors"))
+    assert none["end_to_end"] is None and none["table"] == "" and "end_to_end" not in none["seconds"]

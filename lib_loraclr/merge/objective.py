@@ -63,6 +63,7 @@ class MergeSettings:
     capture_size: Optional[integer(ge=8, le=2048, multiple_of=8)] = None  # None = the model family's native size
     seed: Seed = 0
     report: StrictBool = True  # measure the quality report (a second, streaming capture pass)
+    end_to_end: StrictBool = True  # measure the end-to-end figure (3 UNet passes of a batch of 4 per concept)
     max_memory_gb: Optional[real(gt=0, le=1e4)] = None  # budget of the merge's statistics; None = from the machine or GPU
 
     def to_dict(self) -> dict:

@@ -75,7 +75,7 @@ def merge_to_file(
     result = merge.run(writer)
     writer.seal()
     reports = merge.measure(writer) if settings.report else {}
-    end_to_end_figures = merge.end_to_end(writer) if settings.report else None
+    end_to_end_figures = merge.end_to_end(writer) if settings.end_to_end else None
 
     progress.update("write", 0, 2, message="writing the merged LoRA")
     names = [c.lora.name for c in concepts]
@@ -118,7 +118,7 @@ def merge_to_file(
         files[report_path] = json.dumps(json_safe(summary), indent=1, default=str, allow_nan=False).encode()
     write_files(files, overwrite)
     progress.update("write", 2, 2, message=f"wrote {out_path}", check=False)
-    summary["table"] = format_table(reports, end_to_end_figures) if reports else ""
+    summary["table"] = format_table(reports, end_to_end_figures)
     return summary
 
 

@@ -105,10 +105,10 @@ def format_table(reports: dict[str, dict], end_to_end: dict | None = None) -> st
     """Side-by-side text table: one row per concept and group, one column pair per method; then
     the end-to-end figure (``end_to_end.py``) of the merged file next to stacking."""
     methods = list(reports)
-    concepts = list(next(iter(reports.values())))
+    concepts = list(next(iter(reports.values()))) if reports else []
     figures = ("retention", "crosstalk", "error")
     header = f"{'concept':<20} {'layers':<13}" + "".join(f" {m[:7] + ' ' + f[:5]:>13}" for m in methods for f in figures)
-    lines = [header, "-" * len(header)]
+    lines = [header, "-" * len(header)] if reports else []
 
     def cell(value):
         return f"{'-':>13}" if value is None else f"{value:>13.3f}"
@@ -124,9 +124,11 @@ def format_table(reports: dict[str, dict], end_to_end: dict | None = None) -> st
             )
     if end_to_end:
         height, width = end_to_end["size"]
-        lines += ["", f"end to end: UNet output kept on fresh latents at {width}x{height} px, timesteps "
-                      f"{end_to_end['timesteps']} (1 = as the concept's own LoRA, 0 = as the base model)",
-                  f"{'concept':<20} {'merged':>10} {'stacked':>10}"]
+        lines += [""] * bool(lines) + [
+            f"end to end: UNet output kept on fresh latents at {width}x{height} px, timesteps "
+            f"{end_to_end['timesteps']} (1 = as the concept's own LoRA, 0 = as the base model)",
+            f"{'concept':<20} {'merged':>10} {'stacked':>10}",
+        ]
         for concept, value in end_to_end["merged"].items():
             lines.append(f"{concept[:20]:<20} {cell(value)[3:]:>10} {cell(end_to_end['stacked'][concept])[3:]:>10}")
     return "\n".join(lines)

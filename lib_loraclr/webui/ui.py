@@ -42,6 +42,7 @@ MERGE_FIELDS = (
     ("seed", "Seed", "int"),
     ("max_memory_gb", "Memory budget in GiB (0 = automatic)", "number"),
     ("report", "Measure the quality report (one more capture pass)", "bool"),
+    ("end_to_end", "Measure the end-to-end figure (3 UNet passes per concept)", "bool"),
 )
 OPTIONAL_NUMBERS = ("capture_size", "clamp_quantile", "max_memory_gb")  # 0 in the tab = None (automatic / off)
 
