@@ -69,4 +69,3 @@ def test_demo_writes_every_method(tmp_path, capsys):
     run_demo(out)
     assert os.path.isdir(out + "-2"), "a second demo run keeps the first one's files"
     assert len(os.listdir(out)) == len(files)
-
