@@ -374,16 +374,17 @@ def test_report_matches_figures_computed_from_raw_features(model, lora_paths, tm
         assert figures["error"] == pytest.approx(((merged_sq - 2 * overlap + own) / own) ** 0.5, rel=1e-4)
 
 
-def test_sum_without_report_captures_nothing(model, lora_paths, tmp_path, monkeypatch):
+def test_sum_without_report_and_end_to_end_runs_no_model(model, lora_paths, tmp_path, monkeypatch):
     def no_capture(*args, **kwargs):
         raise AssertionError("sum without a report must not run the model")
 
     monkeypatch.setattr(LoraclrMerge, "capture", no_capture)
+    monkeypatch.setattr(model, "unet_eps", no_capture)
     concepts = load_concepts(lora_paths[:2], None)
     for method in ("sum", "svd"):
-        summary = merge_to_file(model, concepts, MergeSettings(method=method, report=False),
+        summary = merge_to_file(model, concepts, MergeSettings(method=method, report=False, end_to_end=False),
                                 str(tmp_path / f"{method}.safetensors"))
-        assert summary["quality"] == {} and summary["table"] == ""
+        assert summary["quality"] == {} and summary["end_to_end"] is None and summary["table"] == ""
 
 
 def test_cli_no_report_and_memory_options(base_dir, lora_paths, tmp_path, capsys):
