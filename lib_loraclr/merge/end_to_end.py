@@ -88,10 +88,10 @@ def end_to_end(
             for row_set in row_sets:
                 with runtime.active(row_set):
                     conds.append(model.encode([prompt]))
+            cond = Conditioning.cat(conds)  # (4, 77, C): each row encoded with its row's LoRAs
             totals = dict.fromkeys(("base", "merged", "stacked"), 0.0)
             for latent, timestep in zip(latents, steps):
                 batch = latent.unsqueeze(0).repeat(4, 1, 1, 1)
-                cond = Conditioning.cat(conds)
                 with runtime.rows(row_sets):
                     eps = model.unet_eps(batch, timestep.repeat(4), cond).float()  # (4, C, h, w)
                 base, own, merged_eps, stacked_eps = eps
