@@ -273,61 +273,79 @@ class UNetModel(nn.Module):
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim))
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
-        input_block_chans = [model_channels]
-        ch = model_channels
-        ds = 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [ResBlock(ch, time_embed_dim, dropout, out_channels=mult * model_channels)]
-                ch = mult * model_channels
-                if ds in attention_resolutions:
-                    dim_head = ch // num_heads
-                    layers.append(SpatialTransformer(ch, num_heads, dim_head, depth=transformer_depth, context_dim=context_dim))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                input_block_chans.append(ch)
-            if level != len(channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, True, out_channels=ch)))
-                input_block_chans.append(ch)
-                ds *= 2
+        def transformer(ch, level):
+            return SpatialTransformer(ch, num_heads, ch // num_heads, depth=transformer_depth, context_dim=context_dim)
 
-        dim_head = ch // num_heads
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, time_embed_dim, dropout),
-            SpatialTransformer(ch, num_heads, dim_head, depth=transformer_depth, context_dim=context_dim),
-            ResBlock(ch, time_embed_dim, dropout),
-        )
-
-        self.output_blocks = nn.ModuleList([])
-        for level, mult in list(enumerate(channel_mult))[::-1]:
-            for i in range(num_res_blocks + 1):
-                ich = input_block_chans.pop()
-                layers = [ResBlock(ch + ich, time_embed_dim, dropout, out_channels=model_channels * mult)]
-                ch = model_channels * mult
-                if ds in attention_resolutions:
-                    dim_head = ch // num_heads
-                    layers.append(SpatialTransformer(ch, num_heads, dim_head, depth=transformer_depth, context_dim=context_dim))
-                if level and i == num_res_blocks:
-                    layers.append(Upsample(ch, True, out_channels=ch))
-                    ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
-
-        self.out = nn.Sequential(Normalize(ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
+        build_unet_blocks(self, in_channels, out_channels, time_embed_dim, dropout, transformer)
 
     def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
-        hs = []
         t_emb = timestep_embedding(timesteps, self.model_channels, repeat_only=False)
         emb = self.time_embed(t_emb)
-        h = x.type(self.dtype)
-        for module in self.input_blocks:
-            h = module(h, emb, context)
-            hs.append(h)
-        h = self.middle_block(h, emb, context)
-        for module in self.output_blocks:
-            h = torch.cat([h, hs.pop()], dim=1)
-            h = module(h, emb, context)
+        h = run_unet_blocks(self, x.type(self.dtype), emb, context)
         h = h.type(x.dtype)
         return self.out(h)
+
+
+def build_unet_blocks(unet, in_channels, out_channels, time_embed_dim, dropout, transformer, *,
+                      blocks=None, normalize=None):
+    """The openaimodel block layout both ldm's and sgm's UNetModel build (their __init__ bodies
+    are the same loops): input / middle / output blocks and ``out`` on ``unet``, which carries
+    model_channels, num_res_blocks, attention_resolutions and channel_mult. ``transformer(ch,
+    level)`` makes a level's SpatialTransformer (level "middle" for the middle block);
+    ``blocks``: (TimestepEmbedSequential, ResBlock, Downsample, Upsample) of the codebase."""
+    sequential, resblock, downsample, upsample = blocks or (TimestepEmbedSequential, ResBlock, Downsample, Upsample)
+    model_channels, num_res_blocks = unet.model_channels, unet.num_res_blocks
+    attention_resolutions, channel_mult = unet.attention_resolutions, unet.channel_mult
+    unet.input_blocks = nn.ModuleList([sequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+    input_block_chans = [model_channels]
+    ch = model_channels
+    ds = 1
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            layers = [resblock(ch, time_embed_dim, dropout, out_channels=mult * model_channels)]
+            ch = mult * model_channels
+            if ds in attention_resolutions:
+                layers.append(transformer(ch, level))
+            unet.input_blocks.append(sequential(*layers))
+            input_block_chans.append(ch)
+        if level != len(channel_mult) - 1:
+            unet.input_blocks.append(sequential(downsample(ch, True, out_channels=ch)))
+            input_block_chans.append(ch)
+            ds *= 2
+
+    unet.middle_block = sequential(
+        resblock(ch, time_embed_dim, dropout),
+        transformer(ch, "middle"),
+        resblock(ch, time_embed_dim, dropout),
+    )
+
+    unet.output_blocks = nn.ModuleList([])
+    for level, mult in list(enumerate(channel_mult))[::-1]:
+        for i in range(num_res_blocks + 1):
+            ich = input_block_chans.pop()
+            layers = [resblock(ch + ich, time_embed_dim, dropout, out_channels=model_channels * mult)]
+            ch = model_channels * mult
+            if ds in attention_resolutions:
+                layers.append(transformer(ch, level))
+            if level and i == num_res_blocks:
+                layers.append(upsample(ch, True, out_channels=ch))
+                ds //= 2
+            unet.output_blocks.append(sequential(*layers))
+
+    unet.out = nn.Sequential((normalize or Normalize)(ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
+
+
+def run_unet_blocks(unet, h, emb, context):
+    """Input blocks (keeping each output for the skips), middle block, output blocks."""
+    hs = []
+    for module in unet.input_blocks:
+        h = module(h, emb, context)
+        hs.append(h)
+    h = unet.middle_block(h, emb, context)
+    for module in unet.output_blocks:
+        h = torch.cat([h, hs.pop()], dim=1)
+        h = module(h, emb, context)
+    return h
 
 
 class DiffusionWrapper(nn.Module):

@@ -206,65 +206,22 @@ class UNetModel(nn.Module):
             self.label_emb = nn.Sequential(nn.Sequential(
                 nn.Linear(adm_in_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)))
 
-        def transformer(ch, depth):
-            num_heads = ch // num_head_channels
-            return SpatialTransformer(ch, num_heads, num_head_channels, depth=depth, context_dim=context_dim,
+        def transformer(ch, level):
+            depth = transformer_depth_middle if level == "middle" else transformer_depth[level]
+            return SpatialTransformer(ch, ch // num_head_channels, num_head_channels, depth=depth, context_dim=context_dim,
                                       use_linear=use_linear_in_transformer)
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
-        input_block_chans = [model_channels]
-        ch = model_channels
-        ds = 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [ResBlock(ch, time_embed_dim, dropout, out_channels=mult * model_channels)]
-                ch = mult * model_channels
-                if ds in attention_resolutions:
-                    layers.append(transformer(ch, transformer_depth[level]))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                input_block_chans.append(ch)
-            if level != len(channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, True, out_channels=ch)))
-                input_block_chans.append(ch)
-                ds *= 2
-
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, time_embed_dim, dropout),
-            transformer(ch, transformer_depth_middle),
-            ResBlock(ch, time_embed_dim, dropout),
-        )
-
-        self.output_blocks = nn.ModuleList([])
-        for level, mult in list(enumerate(channel_mult))[::-1]:
-            for i in range(num_res_blocks + 1):
-                ich = input_block_chans.pop()
-                layers = [ResBlock(ch + ich, time_embed_dim, dropout, out_channels=model_channels * mult)]
-                ch = model_channels * mult
-                if ds in attention_resolutions:
-                    layers.append(transformer(ch, transformer_depth[level]))
-                if level and i == num_res_blocks:
-                    layers.append(Upsample(ch, True, out_channels=ch))
-                    ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
-
-        self.out = nn.Sequential(_ldm.Normalize(ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
+        _ldm.build_unet_blocks(self, in_channels, out_channels, time_embed_dim, dropout, transformer,
+                               blocks=(TimestepEmbedSequential, ResBlock, Downsample, Upsample))
 
     def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
         assert (y is not None) == (self.num_classes is not None), "must specify y if and only if the model is class-conditional"
-        hs = []
         t_emb = timestep_embedding(timesteps, self.model_channels, repeat_only=False)
         emb = self.time_embed(t_emb)
         if self.num_classes is not None:
             assert y.shape[0] == x.shape[0]
             emb = emb + self.label_emb(y)
-        h = x
-        for module in self.input_blocks:
-            h = module(h, emb, context)
-            hs.append(h)
-        h = self.middle_block(h, emb, context)
-        for module in self.output_blocks:
-            h = torch.cat([h, hs.pop()], dim=1)
-            h = module(h, emb, context)
+        h = _ldm.run_unet_blocks(self, x, emb, context)
         h = h.type(x.dtype)
         return self.out(h)
 
