@@ -13,10 +13,10 @@ from .. import __version__
 from ..lora.base import LoraFile, sidecar_path
 from ..lora.writer import LORA_SUFFIX, KohyaWriter, check_output_files, sidecar_bytes, write_files
 from ..model import ModelAccess
+from ..progress import Progress
 from ..validation import InputError, Strength, Trigger, checked, text
 from .engine import Concept, LoraclrMerge
 from .objective import MergeSettings
-from ..progress import Progress
 from .report import format_table
 
 
