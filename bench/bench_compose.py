@@ -1,11 +1,14 @@
-"""CLoRA composition: our engine vs the authors' way vs plain stacked LoRAs, same everything.
+"""Composition cost: CLoRA (our engine vs the authors' way), the single-pass mode, plain stacking.
 
 All three use one random-weight SD1-layout model (tiny by default; ``--widths`` and
 ``--size`` scale it up), the same prompt, seed, sampler and schedule, and 2 subject LoRAs:
   (a) ours: passes batched into one UNet call, loss passes truncated after the last
       attention layer they read;
   (b) the authors' way: one full UNet run per pass, backward through all of them;
-  (c) plain sampling with both LoRAs stacked (no CLoRA).
+  (c) plain sampling with both LoRAs stacked (no CLoRA);
+  (d) the single-pass mode ("masked"): one UNet evaluation per step;
+then (e) plain stacking and (f) the single-pass mode with 4 subject LoRAs. The targets are
+(d)/(c) <= 1.3 and (f)/(e) <= 1.6 (and CLoRA (a)/(b) <= 0.5).
 (a) and (b) compute the same thing, so their images must agree to float tolerance. Timings
 and memory are taken in float32. At the paper's settings (step size 20, 20 refinement
 iterations) the latent update map of a random-weight model is expansive, so rounding
@@ -43,6 +46,9 @@ from lib_loraclr.tiny import TEXT_HIDDEN_SD1, build_tiny_components  # noqa: E40
 PROMPT = "a cat and a dog"
 STACKED_PROMPT = "a sks cat and a zqx dog"
 CONCEPTS = [LoraConcept("cat", "sks"), LoraConcept("dog", "zqx")]
+PROMPT_4 = "a cat and a dog and a bird and a fish"
+STACKED_PROMPT_4 = "a sks cat and a zqx dog and a vbn bird and a qwp fish"
+CONCEPTS_4 = CONCEPTS + [LoraConcept("bird", "vbn"), LoraConcept("fish", "qwp")]
 LORA_RANK = 8
 
 
@@ -85,14 +91,15 @@ def random_lora(model: DiffusersModel, seed: int) -> LoraFile:
 
 def run_clora(model, loras, settings, args, mode, decode=True):
     pipeline = CLoRAPipeline(model)
-    return pipeline(PROMPT, CONCEPTS, loras, steps=args.steps, seed=0, height=args.size, width=args.size,
+    prompt, concepts = (PROMPT, CONCEPTS) if len(loras) == 2 else (PROMPT_4, CONCEPTS_4)
+    return pipeline(prompt, concepts, loras, steps=args.steps, seed=0, height=args.size, width=args.size,
                     settings=settings, mode=mode, decode=decode)
 
 
 @torch.no_grad()
 def run_stacked(model, loras, settings, args):
     with LoraRuntime(model.targets(), loras):
-        cond, uncond = model.encode([STACKED_PROMPT]), model.encode([""])
+        cond, uncond = model.encode([STACKED_PROMPT if len(loras) == 2 else STACKED_PROMPT_4]), model.encode([""])
         latents = sample(model, cond, steps=args.steps, height=args.size, width=args.size, seed=0,
                          uncond=uncond, guidance_scale=settings.guidance_scale)
     return decode_latents(model.vae, latents)
@@ -148,10 +155,15 @@ def main() -> int:
 
     rows = {}
     results = {}
+    masked = replace(settings, method="masked")
+    loras_4 = loras + [random_lora(model, seed) for seed in (3, 4)]
     for name, run in (
         ("(a) ours", lambda: run_clora(model, loras, settings, args, "fast")),
         ("(b) authors' way", lambda: run_clora(model, loras, settings, args, "authors")),
         ("(c) stacked, plain", lambda: run_stacked(model, loras, settings, args)),
+        ("(d) single pass", lambda: run_clora(model, loras, masked, args, "fast")),
+        ("(e) stacked, 4 LoRAs", lambda: run_stacked(model, loras_4, settings, args)),
+        ("(f) single pass, 4", lambda: run_clora(model, loras_4, masked, args, "fast")),
     ):
         with PeakMemory(device) as memory:
             result, seconds, cpu_seconds = timed(device, run)
@@ -159,7 +171,12 @@ def main() -> int:
         rows[name] = (seconds, cpu_seconds, memory.mib)
         print(f"{name:<20} {seconds:8.2f} s/image  {cpu_seconds:8.2f} CPU s  peak +{memory.mib:8.1f} MiB", flush=True)
 
-    (a_s, a_cpu, a_mem), (b_s, b_cpu, b_mem), (c_s, c_cpu, c_mem) = rows.values()
+    (a_s, a_cpu, a_mem), (b_s, b_cpu, b_mem), (c_s, c_cpu, c_mem), (d_s, d_cpu, d_mem), (e_s, e_cpu, e_mem), \
+        (f_s, f_cpu, f_mem) = rows.values()
+    print(f"(d)/(c): time {d_s / c_s:.2f}x (CPU {d_cpu / c_cpu:.2f}x), peak memory {d_mem / max(c_mem, 1e-9):.2f}x"
+          "  [target <= 1.3x]")
+    print(f"(f)/(e): time {f_s / e_s:.2f}x (CPU {f_cpu / e_cpu:.2f}x), peak memory {f_mem / max(e_mem, 1e-9):.2f}x"
+          "  [target <= 1.6x]")
     fast, authors = results["(a) ours"], results["(b) authors' way"]
     difference = (image_tensor(fast.images[0]) - image_tensor(authors.images[0])).abs().max()
     print(f"(a)/(b): time {a_s / b_s:.2f}x (CPU {a_cpu / b_cpu:.2f}x), peak memory {a_mem / max(b_mem, 1e-9):.2f}x")

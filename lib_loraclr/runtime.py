@@ -12,6 +12,13 @@ Row sets: ``set_rows(row_sets)`` gives the k = batch / len(row_sets) consecutive
 that with CFG each pass's (uncond, cond) pair sits together and k = 2 picks it up on its
 own. A host that orders the batch cond-block then uncond-block instead passes the sets
 twice (``row_sets + row_sets``), giving k = 1 per pass within each block.
+
+Regions: ``regions(scale)`` multiplies each LoRA's output, row by row and position by
+position, by what ``scale(target, lora, term)`` returns for it (a tensor that broadcasts to
+``term``, or None for 1). ``term`` is the LoRA's rank-r intermediate (or its output when it
+has no low-rank form): (B, L, r) for a linear layer on L tokens, (B, r, H, W) for a conv, so
+a per-position multiplier costs r values per position and the layer's own work is unchanged.
+Composition uses it to keep each subject LoRA inside its subject's region in one UNet pass.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +35,7 @@ from torch import nn
 from .lora.base import COMPONENTS, LoraFile, LoraModule
 
 _Factors = tuple[torch.Tensor, torch.Tensor | None]  # (down, up) low rank, or (delta, None)
+RegionScale = Callable[[str, int, torch.Tensor], "torch.Tensor | None"]  # (target, LoRA index, term) -> multiplier
 
 
 class LoraMismatchError(ValueError):
@@ -188,6 +196,7 @@ class LoraRuntime:
 
         self._sites = {target: site for target, site in sites.items() if site.entries}
         self._plan = self._uniform_plan(range(len(loras)))
+        self._region: RegionScale | None = None
         self._handles = []
         if attach:
             self.attach()
@@ -238,6 +247,30 @@ class LoraRuntime:
             yield self
         finally:
             self._plan = previous
+
+    @contextmanager
+    def regions(self, scale: RegionScale) -> Iterator["LoraRuntime"]:
+        """Scale each LoRA's output per row and position by ``scale`` for a block (module docstring).
+
+        Applies with ``set_active`` plans; combined with row sets it raises at the forward.
+        """
+        previous = self._region
+        self._region = scale
+        try:
+            yield self
+        finally:
+            self._region = previous
+
+    @contextmanager
+    def rows_only(self, row_sets: list[Iterable[int]]) -> Iterator["LoraRuntime"]:
+        """``rows(row_sets)`` with no regions for a block (e.g. one layer's call inside a regional pass)."""
+        previous = self._plan, self._region
+        self.set_rows(row_sets)
+        self._region = None
+        try:
+            yield self
+        finally:
+            self._plan, self._region = previous
 
     def attach(self) -> None:
         """Hook the targeted layers (no-op when already hooked)."""
@@ -292,15 +325,18 @@ class LoraRuntime:
         # place: out of place, a wide layer's batch output (the merge's batch of N concepts)
         # would exist two or three times over.
         in_place = not torch.is_grad_enabled() and output.is_contiguous() and output.dtype == x.dtype
+        region = self._region
         if plan.n_row_sets == 0:
-            entries = [site.entries[i] for i in plan.groups[0].loras if i in site.entries]
+            entries = [(i, site.entries[i]) for i in plan.groups[0].loras if i in site.entries]
             if not entries:
                 return None
             if in_place:
-                self._add_lora_output(site, entries, x, output)
+                self._add_lora_output(site, entries, x, output, region)
                 return output
-            return output + self._lora_output(site, entries, x).to(output.dtype)
+            return output + self._lora_output(site, entries, x, region).to(output.dtype)
 
+        if region is not None:
+            raise ValueError(f"{site.target}: LoRA regions cannot be combined with row sets")
         batch = x.shape[0]
         if batch % plan.n_row_sets:
             raise ValueError(
@@ -309,7 +345,7 @@ class LoraRuntime:
         rows_per_set = batch // plan.n_row_sets
         if in_place:  # each row set is a contiguous block of the batch
             for group in plan.groups:
-                entries = [site.entries[i] for i in group.loras if i in site.entries]
+                entries = [(i, site.entries[i]) for i in group.loras if i in site.entries]
                 for position in group.positions if entries else ():
                     start = position * rows_per_set
                     self._add_lora_output(site, entries, x.narrow(0, start, rows_per_set),
@@ -317,7 +353,7 @@ class LoraRuntime:
             return output
         row_indices, row_outputs = [], []
         for group_number, group in enumerate(plan.groups):
-            entries = [site.entries[i] for i in group.loras if i in site.entries]
+            entries = [(i, site.entries[i]) for i in group.loras if i in site.entries]
             if not entries:
                 continue
             rows = plan.rows(group_number, rows_per_set, x.device)
@@ -327,34 +363,45 @@ class LoraRuntime:
             return None
         return output.index_add(0, torch.cat(row_indices), torch.cat(row_outputs).to(output.dtype))
 
-    def _lora_output(self, site: _Site, entries: list[_Entry], x: torch.Tensor) -> torch.Tensor:
+    def _lora_output(self, site: _Site, entries: list[tuple[int, _Entry]], x: torch.Tensor,
+                     region: RegionScale | None = None) -> torch.Tensor:
         """Sum of the entries' outputs on x: (B, ..., out) linear, (B, out, H', W') conv."""
         total = None
-        for entry in entries:
-            out = self._entry_output(site, *self._factors(site, entry, x), x)
+        for index, entry in entries:
+            first, up = self._factors(site, entry, x)
+            term = self._scaled(site, index, self._first(site, first, x), region)
+            out = term if up is None else self._up(site, term, up)
             total = out if total is None else total + out
         return total
 
-    def _add_lora_output(self, site: _Site, entries: list[_Entry], x: torch.Tensor, output: torch.Tensor) -> None:
+    def _add_lora_output(self, site: _Site, entries: list[tuple[int, _Entry]], x: torch.Tensor,
+                         output: torch.Tensor, region: RegionScale | None = None) -> None:
         """output += the entries' outputs on x, in place; a linear's never exists as a separate tensor."""
-        for entry in entries:
+        for index, entry in entries:
             first, up = self._factors(site, entry, x)
-            if site.is_conv:
-                output.add_(self._entry_output(site, first, up, x))
+            if site.is_conv or (up is None and region is not None):
+                output.add_(self._lora_output(site, [(index, entry)], x, region))
                 continue
             flat = output.view(-1, output.shape[-1])  # (rows, out)
             if up is None:
                 flat.addmm_(x.reshape(-1, x.shape[-1]), first.T)
             else:
-                flat.addmm_(F.linear(x, first).reshape(-1, first.shape[0]), up.T)
+                term = self._scaled(site, index, F.linear(x, first), region)
+                flat.addmm_(term.reshape(-1, first.shape[0]), up.T)
 
     @staticmethod
-    def _entry_output(site: _Site, first: torch.Tensor, up: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        if site.is_conv:
-            out = nn.Conv2d._conv_forward(site.module, x, first, None)
-            return out if up is None else F.conv2d(out, up)
-        out = F.linear(x, first)
-        return out if up is None else F.linear(out, up)
+    def _scaled(site: _Site, index: int, term: torch.Tensor, region: RegionScale | None) -> torch.Tensor:
+        scale = None if region is None else region(site.target, index, term)
+        return term if scale is None else term * scale.to(term.dtype)
+
+    @staticmethod
+    def _first(site: _Site, first: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The down projection (rank-r term), or the whole delta's output when there is no up."""
+        return nn.Conv2d._conv_forward(site.module, x, first, None) if site.is_conv else F.linear(x, first)
+
+    @staticmethod
+    def _up(site: _Site, term: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(term, up) if site.is_conv else F.linear(term, up)
 
     def _factors(self, site: _Site, entry: _Entry, x: torch.Tensor) -> _Factors:
         key = (x.device, x.dtype)

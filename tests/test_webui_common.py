@@ -94,13 +94,15 @@ def test_compose_request_round_trips_through_infotext_and_api_form():
 def test_script_arguments_from_the_ui_and_from_the_api():
     defaults = ComposeSettings()
     rows = ["cat_lora", "cat", "sks", 0.5, "dog_lora", "dog", "", 1.0] + ["", "", "", 1.0] * (MAX_CONCEPT_ROWS - 2)
-    settings = [defaults.step_size, defaults.temperature, 12, 3, 0.4, 16, True, False]
+    settings = ["masked", defaults.step_size, defaults.temperature, 12, 3, 0.4, 16, True, False, False, 2]
     args = [True, *rows, "", "", 1.0, *settings, True]
     request = request_from_args(args)
     assert [r.lora for r in request.concepts] == ["cat_lora", "dog_lora"]
     assert request.concepts[0] == ConceptRow("cat_lora", "cat", "sks", 0.5)
     assert request.settings.max_iter_to_alter == 12 and request.settings.attention_res_divisor == 16
     assert request.settings.use_masks is False and request.show_masks is True
+    assert request.settings.method == "masked" and request.settings.exclusive_masks is False
+    assert request.settings.warmup_steps == 2
     assert request_from_args([False, *args[1:]]) is None
     api = request_from_args([{"enabled": True, **request.to_dict()}])
     assert api == request

@@ -24,7 +24,7 @@ the background, and the style's hollowness, averaged.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -51,6 +51,7 @@ class Found:
     area: int
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
     shape_iou: float
+    pixels: np.ndarray | None = field(default=None, repr=False, compare=False)  # (H, W) bool
 
     def attributes(self) -> dict:
         return {"shape": self.shape, "colour": self.colour, "pattern": self.pattern}
@@ -157,7 +158,7 @@ def find_objects(image: np.ndarray) -> tuple[str, list[Found]]:
         shape, iou = _classify_shape(filled)
         ys, xs = np.nonzero(mask)
         found.append(Found(_NAMES[label], shape, "striped" if striped else "solid", bool(hollow), area,
-                           (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1), iou))
+                           (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1), iou, mask))
     found.sort(key=lambda f: -f.area)
     return background, found
 
@@ -211,6 +212,7 @@ def score(image: np.ndarray, wanted: list[dict], *, background: str = "black", h
                 "fidelity": right / len(ATTRIBUTES),
                 "exact": float(right == len(ATTRIBUTES)),
                 "bleeding": len(bled) / len(ATTRIBUTES),
+                "pixels": None if got is None else got.pixels,
             })
         else:
             alignment.append(float(got is not None and right == len(ATTRIBUTES)))
@@ -231,6 +233,7 @@ def score(image: np.ndarray, wanted: list[dict], *, background: str = "black", h
         "objects_found": len(found),
         "background": found_background,
         "found": [f.attributes() | {"hollow": f.hollow} for f in found],
+        "concept_pixels": [c["pixels"] for c in per_concept],  # (H, W) bool of each concept's object, or None
     }
 
 

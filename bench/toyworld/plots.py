@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 COLOURS = {"single": (90, 90, 90), "stack": (214, 39, 40), "svd": (255, 127, 14), "lsq": (44, 160, 44),
-           "loraclr": (31, 119, 180), "clora": (148, 103, 189)}
+           "loraclr": (31, 119, 180), "clora": (148, 103, 189), "masked": (227, 119, 194)}
 
 
 def _font():
@@ -52,7 +52,7 @@ def score_plot(results: dict, path: str) -> None:
     draw = ImageDraw.Draw(image)
     font = _font()
     single = {"single": [e["single"]["single_prompts"]["fidelity"] for e in entries]}
-    single |= {m: [e[m]["single_prompts"]["fidelity"] for e in entries] for m in methods if m != "clora"}
+    single |= {m: [e[m]["single_prompts"]["fidelity"] for e in entries] for m in methods if "single_prompts" in entries[0][m]}
     pair = {"single": single["single"]} | {m: [e[m]["pair_prompts"]["fidelity"] for e in entries] for m in methods}
     bleed = {m: [e[m]["pair_prompts"]["bleeding"] for e in entries] for m in methods}
     panels = [("single-concept prompts", single, "fidelity"), ("two-concept prompts", pair, "fidelity"),

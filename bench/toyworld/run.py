@@ -24,6 +24,7 @@ the background). Writes table.txt, results.json, plot.png and grid.png into --ou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -49,7 +50,16 @@ from .train_base import DEFAULT_OUT as BASE_DIR
 from .train_loras import LORA_DIR
 from .world import COLOURS, CONCEPTS, SHAPES, SIZE, Concept
 
-METHODS = ("stack", "svd", "lsq", "loraclr", "clora")
+# compositions: name -> ComposeSettings changes; the last three are CLoRA's diagnosis rows
+COMPOSITIONS = {
+    "clora": {},  # CLoRA with one owner per pixel (exclusive masks): our default
+    "masked": {"method": "masked"},  # the single-pass mode
+    "clora_paper": {"exclusive_masks": False},  # the paper's union masks, overlaps averaged
+    "clora_masks_only": {"use_latent_update": False},
+    "clora_update_only": {"use_masks": False},
+}
+METHODS = ("stack", "svd", "lsq", "loraclr", "clora", "masked")
+ALL_METHODS = METHODS + tuple(m for m in COMPOSITIONS if m not in METHODS)
 MERGES = ("svd", "lsq", "loraclr")
 METRICS = ("recall", "fidelity", "exact", "bleeding", "alignment")
 
@@ -134,17 +144,73 @@ def generate_with(model, loras, jobs, steps):
         return generate(model, [j["prompt"] for j in jobs], [j["seed"] for j in jobs], steps=steps)
 
 
-def clora_images(model, lora_files, jobs, steps, settings):
-    if not jobs:
-        return np.zeros((0, SIZE, SIZE, 3), np.uint8)
+class UnetRows:
+    """Counts the batch rows through the UNet (a pass over [uncond, cond] of one image = 2 rows)."""
+
+    def __init__(self, unet):
+        self.rows = 0
+        self._handle = unet.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.rows += args[0].shape[0]
+
+    def close(self):
+        self._handle.remove()
+
+
+def mask_iou(masks: torch.Tensor, concept_pixels: list) -> list[float]:
+    """IoU of each subject's fusion mask (P, 1, 1, h, w: pass g + 1 is subject g) with the pixels of
+    the object the judge matched to it (0 when none was found)."""
+    ious = []
+    for g, pixels in enumerate(concept_pixels):
+        owned = masks[g + 1, 0, 0].numpy() > 0
+        owned = np.kron(owned, np.ones((SIZE // owned.shape[0], SIZE // owned.shape[1]), bool))
+        if pixels is None:
+            ious.append(0.0)
+            continue
+        union = (owned | pixels).sum()
+        ious.append(float((owned & pixels).sum() / union) if union else 0.0)
+    return ious
+
+
+def composition_images(model, lora_files, jobs, steps, settings, loaded):
+    """Images, judged rows with mask IoU (final step and per step) and the cost of each composition."""
     pipeline = CLoRAPipeline(model)
-    images = []
-    for job in jobs:
-        concepts = [LoraConcept(CONCEPTS[k].trigger) for k in job["concepts"]]
-        result = pipeline(job["prompt"], concepts, [lora_files[k] for k in job["concepts"]], steps=steps,
-                          seed=job["seed"], height=SIZE, width=SIZE, settings=settings, decode=False)
-        images.append(latents_to_images(result.latents)[0])
-    return np.stack(images)
+    images, rows, per_step, seconds = [], [], [], 0.0
+    counter = UnetRows(model.unet)
+    try:
+        for job in jobs:
+            concepts = [LoraConcept(CONCEPTS[k].trigger) for k in job["concepts"]]
+            t0 = time.perf_counter()
+            result = pipeline(job["prompt"], concepts, [lora_files[k] for k in job["concepts"]], steps=steps,
+                              seed=job["seed"], height=SIZE, width=SIZE, settings=settings, decode=False,
+                              keep_mask_history=True)
+            seconds += time.perf_counter() - t0
+            image = latents_to_images(result.latents)[0]
+            images.append(image)
+            others = [CONCEPTS[k].attributes() for k in loaded if k not in job["concepts"]]
+            judged = score(image, job["wanted"], other_concepts=others)
+            row = {"prompt": job["prompt"], "seed": job["seed"], **{m: judged[m] for m in METRICS},
+                   "found": judged["found"], "mask_iou": float(np.mean(mask_iou(result.masks, judged["concept_pixels"])))}
+            rows.append(row)
+            per_step.append([float(np.mean(mask_iou(m, judged["concept_pixels"]))) for m in result.mask_history])
+    finally:
+        counter.close()
+    cost = {"unet_rows_per_image": counter.rows / max(len(jobs), 1), "seconds_per_image": seconds / max(len(jobs), 1)}
+    return np.stack(images) if images else np.zeros((0, SIZE, SIZE, 3), np.uint8), rows, per_step, cost
+
+
+def plain_cost(model, jobs, steps) -> dict:
+    """Plain sampling of the same prompts, one image at a time as the compositions run: the cost reference."""
+    counter, seconds = UnetRows(model.unet), 0.0
+    try:
+        for job in jobs:
+            t0 = time.perf_counter()
+            generate(model, [job["prompt"]], [job["seed"]], steps=steps)
+            seconds += time.perf_counter() - t0
+    finally:
+        counter.close()
+    return {"unet_rows_per_image": counter.rows / max(len(jobs), 1), "seconds_per_image": seconds / max(len(jobs), 1)}
 
 
 def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), seeds: int = 2,
@@ -181,14 +247,20 @@ def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), 
             entry = {"single": {"single_prompts": mean_scores(judge_all(
                 np.concatenate([reference_images[k][1] for k in loaded]), single_jobs, loaded))}}
             grid = {"single": np.concatenate([reference_images[k][1] for k in loaded])}
-            stacked_report = None
+            stacked_report, plain = None, None
             for method in methods:
                 t0 = time.time()
                 info = {}
-                if method == "clora":
+                if method in COMPOSITIONS:
                     single_rows = None
-                    pair_images = clora_images(model, lora_files, pair_jobs, steps, clora_settings)
+                    plain = plain if plain is not None else plain_cost(model, pair_jobs, steps)
+                    pair_images, pair_rows, per_step, cost = composition_images(
+                        model, lora_files, pair_jobs, steps, dataclasses.replace(clora_settings, **COMPOSITIONS[method]),
+                        loaded)
                     all_images = pair_images
+                    info["mask_iou"] = round(float(np.mean([r["mask_iou"] for r in pair_rows])), 4) if pair_rows else None
+                    info["mask_iou_by_step"] = [round(float(v), 4) for v in np.mean(per_step, axis=0)] if per_step else []
+                    info["cost"] = {key: round(value / plain[key], 2) for key, value in cost.items()}
                 else:
                     if method == "stack":
                         loras = lora_files[:count]
@@ -205,12 +277,13 @@ def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), 
                     all_images = generate_with(model, loras, single_jobs + pair_jobs, steps)
                     single_rows = judge_all(all_images[:len(single_jobs)], single_jobs, loaded)
                     pair_images = all_images[len(single_jobs):]
-                pair_rows = judge_all(pair_images, pair_jobs, loaded)
+                if method not in COMPOSITIONS:
+                    pair_rows = judge_all(pair_images, pair_jobs, loaded)
                 entry[method] = {**info, "pair_prompts": mean_scores(pair_rows),
                                  "seconds": round(time.time() - t0, 1)}
                 if single_rows is not None:
                     entry[method]["single_prompts"] = mean_scores(single_rows)
-                grid[method] = (all_images[:len(single_jobs)] if method != "clora" else None, pair_images)
+                grid[method] = (all_images[:len(single_jobs)] if method not in COMPOSITIONS else None, pair_images)
                 log(f"N={count} {method}: {time.time() - t0:.0f}s")
             if "stack" in entry and stacked_report is not None:
                 entry["stack"]["report"] = stacked_report  # stacking = a lossless sum merge, measured beside each merge
@@ -269,7 +342,8 @@ def _number(value):
 
 def format_table(results: dict) -> str:
     methods = list(results["settings"]["methods"])
-    merged = [m for m in methods if m != "clora"]  # CLoRA has no single-concept images of its own
+    merged = [m for m in methods if m not in COMPOSITIONS]  # compositions have no single-concept images of their own
+    composed = [m for m in methods if m in COMPOSITIONS]
     by_count = results["by_count"].items()
     lines = []
     for metric, title in (("fidelity", "fidelity (share of the concept's shape/colour/pattern right)"),
@@ -291,6 +365,20 @@ def format_table(results: dict) -> str:
         cells = [" / ".join(_number(entry[m]["pair_prompts"][k]) for k in ("fidelity", "recall", "bleeding"))
                  for m in methods]
         lines.append(f"| {count} | {_number(ref)} | " + " | ".join(cells) + " |")
+    if composed:
+        lines += ["", "Compositions: mask IoU (each subject's final mask vs the judged object; per step at 25/50/75/100%) "
+                      "/ cost (UNet rows and seconds per image, relative to plain sampling one image at a time)",
+                  "| N | " + " | ".join(composed) + " |", "|---|" + "---|" * len(composed)]
+        for count, entry in by_count:
+            cells = []
+            for m in composed:
+                info = entry.get(m, {})
+                steps = info.get("mask_iou_by_step") or []
+                marks = [steps[max(0, round(len(steps) * q) - 1)] for q in (0.25, 0.5, 0.75, 1.0)] if steps else []
+                cost = info.get("cost") or {}
+                cells.append(f"{_number(info.get('mask_iou'))} ({' '.join(_number(v) for v in marks)}) / "
+                             f"{_number(cost.get('unet_rows_per_image'))}x rows, {_number(cost.get('seconds_per_image'))}x s")
+            lines.append(f"| {count} | " + " | ".join(cells) + " |")
     reported = [m for m in merged if any("report" in entry.get(m, {}) for _, entry in by_count)]
     if reported:
         lines += ["", "Merge report (mean over the loaded concepts): retention / crosstalk / end to end "
@@ -323,9 +411,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - set(METHODS)
+    unknown = set(methods) - set(ALL_METHODS)
     if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {ALL_METHODS}")
     counts = [int(c) for c in args.counts.split(",")]
     if min(counts) < 2 or max(counts) > len(CONCEPTS):
         parser.error(f"counts must be between 2 and {len(CONCEPTS)}")

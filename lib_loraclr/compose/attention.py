@@ -30,7 +30,7 @@ def cross_attention_modules(unet: nn.Module) -> list[nn.Module]:
     return [module for name, module in unet.named_modules() if name.rsplit(".", 1)[-1] == "attn2"]
 
 
-def _layer_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+def layer_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(hidden states, context) of an attention call, diffusers or ldm calling convention."""
     hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
     context = kwargs.get("encoder_hidden_states", kwargs.get("context"))
@@ -39,14 +39,21 @@ def _layer_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor
     return hidden, context
 
 
-def attention_probs(module: nn.Module, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T * scale) over the context tokens, averaged over heads: (B, N, T) float32."""
-    heads = module.heads
-    query = module.to_q(hidden).unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, h, N, d)
-    key = module.to_k(context).unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, h, T, d)
+def split_heads(module: nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """(B, N, h*d) projected states -> (B, h, N, d)."""
+    return states.unflatten(-1, (module.heads, -1)).transpose(1, 2)
+
+
+def probs_of(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T * scale) over the keys, averaged over heads: (B, N, T) float32."""
     scale = getattr(module, "scale", None) or query.shape[-1] ** -0.5  # Forge's CrossAttention has no .scale
     scores = at_least_float32(query) @ at_least_float32(key).transpose(-1, -2) * scale  # (B, h, N, T)
     return scores.softmax(dim=-1).mean(dim=1)
+
+
+def attention_probs(module: nn.Module, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """The layer's own cross-attention probabilities over the context tokens: (B, N, T) float32."""
+    return probs_of(module, split_heads(module, module.to_q(hidden)), split_heads(module, module.to_k(context)))
 
 
 class AttentionCapture:
@@ -93,11 +100,15 @@ class AttentionCapture:
             )
         return self._total / self.layers_seen
 
+    def layer_probs(self, module: nn.Module, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """What one layer adds to the average: its own probabilities (B, N, T)."""
+        return attention_probs(module, hidden, context)
+
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
-        hidden, context = _layer_inputs(args, kwargs)
+        hidden, context = layer_inputs(args, kwargs)
         if context is None or hidden.dim() != 3 or hidden.shape[1] != self.query_count:
             return None
-        layer_probs = attention_probs(module, hidden, context)
+        layer_probs = self.layer_probs(module, hidden, context)
         self._total = layer_probs if self._total is None else self._total + layer_probs
         self.layers_seen += 1
         if self.stop_after is not None and self.layers_seen >= self.stop_after:
@@ -109,3 +120,30 @@ def per_pass_maps(probs: torch.Tensor, num_passes: int) -> torch.Tensor:
     """(P*2B, N, T) pass-major [uncond B, cond B] rows -> (P, B, N, T), CFG halves averaged."""
     rows, query_count, tokens = probs.shape
     return probs.view(num_passes, 2, rows // (2 * num_passes), query_count, tokens).mean(dim=1)
+
+
+class ProbeCapture(AttentionCapture):
+    """Average probabilities of the layers' queries against other contexts than the layer's own.
+
+    probes: per subject, (its own conditioning's context (B, T, C), a context manager factory
+        under which the layer's ``to_k`` runs with that subject's LoRAs). rows: the batch rows
+        whose queries are read (the cond half of a [uncond, cond] pass).
+    ``probs``: (G, B, N, T), what each subject's own pass would attend to from these queries.
+    Why: a single pass has one prompt whose end-of-text states summarise every subject at
+    once; a subject's own encoding still has a localised summary of it (toy world: its EOS map
+    holds 2-7x the object's share of attention mass where its word's map holds ~1x).
+    """
+
+    def __init__(self, modules, query_count, probes, rows: slice):
+        super().__init__(modules, query_count)
+        self.probes = list(probes)
+        self.rows = rows
+
+    def layer_probs(self, module, hidden, context):
+        query = split_heads(module, module.to_q(hidden[self.rows]))  # (B, h, N, d)
+        per_subject = []
+        for probe_context, keys_context in self.probes:
+            with keys_context():
+                key = split_heads(module, module.to_k(probe_context.to(device=context.device, dtype=context.dtype)))
+            per_subject.append(probs_of(module, query, key))  # (B, N, T)
+        return torch.stack(per_subject)

@@ -54,6 +54,7 @@ class ComposePass:
     lora_index: int | None
     mask_positions: tuple[int, ...]
     token_weights: tuple[float, ...] = ()  # emphasis weight of each token of clean_prompt (BOS excluded)
+    end_position: int = 0  # the EOS token's position (the encoder's summary of the whole prompt)
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ def plan_concepts(
             lora_index=None if p == 0 else p - 1,
             mask_positions=() if p == 0 else per_pass[p][p - 1],
             token_weights=prompt.token_weights,
+            end_position=len(prompt.token_ids) + 1,
         )
         for p, prompt in enumerate(parsed)
     )
@@ -167,3 +169,16 @@ def plan_concepts(
         tuple((p, t) for p in range(len(parsed)) for t in per_pass[p][g]) for g in range(len(concepts))
     )
     return ConceptPlan(passes, groups, tuple(c.words for c in concepts))
+
+
+def plan_one_prompt(
+    base_prompt: str, concepts: Sequence[LoraConcept], tokenizer, embeddings: Sequence[str] = ()
+) -> ConceptPlan:
+    """The plan of a single-pass composition: every pass has one prompt, the base prompt with each
+    trigger not yet in it inserted before its concept's words (own ``prompt``s are not used)."""
+    prompt = base_prompt
+    for concept in concepts:
+        parsed = parse_prompt(prompt, tokenizer)
+        if concept.trigger and not parsed.positions_of(concept.trigger):
+            prompt = _with_trigger(parsed, concept)
+    return plan_concepts(prompt, [LoraConcept(c.words, c.trigger, prompt) for c in concepts], tokenizer, embeddings)

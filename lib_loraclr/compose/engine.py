@@ -31,7 +31,7 @@ from ..model import Conditioning, at_least_float32
 from ..runtime import LoraRuntime
 from .attention import AttentionCapture, StopForward, per_pass_maps
 from .concepts import ConceptPlan
-from .fusion import cfg_combine, concept_masks, fuse, uniform_masks
+from .fusion import cfg_combine, concept_masks, exclusive_masks, fuse, subject_maps, uniform_masks
 from .loss import contrastive_attention_loss, gather_token_maps
 from .settings import ComposeSettings
 
@@ -264,9 +264,7 @@ class ComposeEngine:
             raise ValueError(f"latent batch {latent.shape[0]} != conditioning batch {conditioning.batch_size}")
 
     def _query_count(self, latent: torch.Tensor) -> int:
-        height, width = (side * self.vae_scale_factor for side in latent.shape[-2:])
-        map_h, map_w = self.settings.attention_map_hw(height, width)
-        return map_h * map_w
+        return self.settings.query_count(tuple(latent.shape[-2:]), self.vae_scale_factor)
 
     def _run(self, latent_rows, timestep, cond_rows, run_unet, query_count, capture_maps, truncate):
         """One UNet call with optional capture; (prediction or None if stopped early, probs or None)."""
@@ -333,4 +331,6 @@ class ComposeEngine:
         if probs is None:
             masks = uniform_masks(len(self.plan.passes), latent_hw, device=latent.device)
             return masks.unsqueeze(1).expand(-1, latent.shape[0], -1, -1, -1)
+        if self.settings.exclusive_masks:
+            return exclusive_masks(subject_maps(probs, self.plan), self.settings.mask_threshold, latent_hw)
         return concept_masks(probs, self.plan, self.settings.mask_threshold, latent_hw)

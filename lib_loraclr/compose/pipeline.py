@@ -25,26 +25,30 @@ from ..runtime import LoraRuntime
 from ..sampling import SAMPLERS, decode_latents, initial_noise, sample_steps, sigmas_for, trailing_timesteps
 from ..validation import InputError, Seed, checked, integer
 from .attention import cross_attention_modules
-from .concepts import ConceptPlan, LoraConcept, plan_concepts
-from .engine import ComposeEngine, encode_passes
+from .concepts import ConceptPlan, LoraConcept
+from .engine import encode_passes
 from .fusion import pass_lora_sets
+from .methods import build_engine, plan_for
 from .overlay import overlay_sheet
-from .settings import ComposeSettings
+from .settings import METHODS, ComposeSettings
 
 # ComposeSettings fields whose CLI option is not "--" + the field name with dashes.
 _SETTING_OPTIONS = {"--guidance-scale": "--guidance", "--attention-res-divisor": "--attention-divisor",
-                    "--use-latent-update": "--no-latent-update", "--use-masks": "--no-masks"}
+                    "--use-latent-update": "--no-latent-update", "--use-masks": "--no-masks",
+                    "--exclusive-masks": "--union-masks"}
 
 
 @dataclass
 class ComposeResult:
     """images: B PIL images; latents: (B, C, h, w) final x0; masks: (P, B, 1, h, w) last
-    step's fusion weights; plan: the passes and concept groups used."""
+    step's fusion weights; plan: the passes and concept groups used; mask_history: each
+    step's masks (``keep_mask_history=True``)."""
 
     images: list
     latents: torch.Tensor
     masks: torch.Tensor
     plan: ConceptPlan
+    mask_history: list[torch.Tensor] | None = None  # every step's masks (CPU), when asked for
 
 
 class CLoRAPipeline:
@@ -73,6 +77,7 @@ class CLoRAPipeline:
         mode: str = "fast",
         callback: Callable[[int, int], None] | None = None,
         decode: bool = True,
+        keep_mask_history: bool = False,
     ) -> ComposeResult:
         """Generate ``batch_size`` images of ``prompt`` with one subject LoRA per concept.
 
@@ -88,22 +93,23 @@ class CLoRAPipeline:
         factor = model.vae_scale_factor
         if height % factor or width % factor:
             raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
-        plan = plan_concepts(prompt, concepts, model.tokenizer)
+        plan = plan_for(settings, prompt, concepts, model.tokenizer)
         all_loras = list(loras) + [style for style, _ in styles]
         style_groups = {len(loras) + i: groups for i, (_, groups) in enumerate(styles)}
         lora_sets = pass_lora_sets(plan, style_groups)
 
         with LoraRuntime(model.targets(), all_loras, lora_weights) as runtime:
             conditioning = encode_passes(model.encode, runtime, plan, lora_sets, negative_prompt, batch_size)
-            engine = ComposeEngine(
+            engine = build_engine(
                 plan, settings, runtime, lora_sets, cross_attention_modules(model.unet), steps,
                 vae_scale_factor=factor, mode=mode,
             )
-            latents, masks = self._sample(engine, conditioning, steps, seed, height, width, sampler, callback)
+            history = [] if keep_mask_history else None
+            latents, masks = self._sample(engine, conditioning, steps, seed, height, width, sampler, callback, history)
         images = decode_latents(self.vae, latents) if decode else []
-        return ComposeResult(images, latents, masks, plan)
+        return ComposeResult(images, latents, masks, plan, history)
 
-    def _sample(self, engine, conditioning, steps, seed, height, width, sampler, callback):
+    def _sample(self, engine, conditioning, steps, seed, height, width, sampler, callback, history):
         """The engine's sampler (``sampling.sample_steps``), CLoRA's step in place of the UNet call."""
         model = self.model
         timesteps = trailing_timesteps(len(model.alphas_cumprod), steps)
@@ -120,6 +126,8 @@ class CLoRAPipeline:
             result = engine.step(i, (x * input_scale).to(model.dtype),
                                  torch.tensor(timestep, device=model.device), conditioning, model.unet_eps)
             masks = result.masks
+            if history is not None:
+                history.append(masks.detach().cpu())
             x = at_least_float32(result.latent) / input_scale
             return x, x - sigma * result.prediction
 
@@ -269,7 +277,8 @@ def cmd_compose(args) -> int:
     values = dict(
         guidance_scale=args.guidance, step_size=args.step_size, mask_threshold=args.mask_threshold,
         attention_res_divisor=args.attention_divisor, use_latent_update=not args.no_latent_update,
-        use_masks=not args.no_masks,
+        use_masks=not args.no_masks, method=args.method, warmup_steps=args.warmup_steps,
+        exclusive_masks=not args.union_masks,
     )
     try:
         settings = ComposeSettings(**values)
@@ -296,7 +305,7 @@ def add_compose_command(subparsers, parents=()):
 
     defaults = ComposeSettings()
     parser = subparsers.add_parser("compose", parents=list(parents),
-                                   help="generate an image with several LoRAs composed by CLoRA")
+                                   help="generate an image with several LoRAs composed (CLoRA or single pass)")
     parser.add_argument("--base", required=True, help="diffusers folder or single-file SD checkpoint")
     parser.add_argument("--config", help="local diffusers folder with configs + tokenizer, for a single-file base")
     parser.add_argument("--prompt", required=True, help='base prompt naming every subject, e.g. "a cat and a dog"')
@@ -323,6 +332,13 @@ def add_compose_command(subparsers, parents=()):
                         help="read attention maps at image size / this (32: 16x16 at 512px)")
     parser.add_argument("--no-latent-update", action="store_true", help="skip the contrastive latent update")
     parser.add_argument("--no-masks", action="store_true", help="average the passes instead of masking")
+    parser.add_argument("--method", choices=METHODS, default=defaults.method,
+                        help="clora: one UNet pass per LoRA fused by masks (the paper); masked: one pass per step, "
+                             "each LoRA's output kept to its subject's mask")
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+                        help="masked: first steps without the subject LoRAs, to form the first masks")
+    parser.add_argument("--union-masks", action="store_true",
+                        help="clora: the paper's overlapping masks instead of one subject per pixel")
     parser.add_argument("--device", default="cpu", type=device_name, help="cpu, cuda, cuda:1 ...")
     parser.set_defaults(func=cmd_compose)
     return parser

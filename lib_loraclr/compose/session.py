@@ -1,4 +1,4 @@
-"""One WebUI generation with CLoRA: what the user asked for, and the state the hosts drive.
+"""One WebUI generation with composition (CLoRA or single pass): what the user asked for, and the state the hosts drive.
 
 ``ComposeRequest`` is the one description of a composition that the txt2img script UI, the
 REST payload (``alwayson_scripts``) and the PNG infotext all convert to and from, so the
@@ -24,15 +24,17 @@ from ..model import ModelAccess
 from ..runtime import LoraRuntime
 from ..validation import InputError, LoraName, StrictBool, Strength, checked, from_mapping, text
 from .attention import cross_attention_modules
-from .concepts import LoraConcept, plan_concepts
+from .concepts import LoraConcept
 from .engine import ComposeEngine, encode_passes
+from .masked import MaskedLoraEngine
 from .fusion import pass_lora_sets
+from .methods import build_engine, plan_for
 from .settings import ComposeSettings
 
 # The settings a WebUI user sets; guidance comes from the host's own CFG scale.
 USER_SETTINGS = (
-    "step_size", "temperature", "max_iter_to_alter", "refinement_iters", "mask_threshold",
-    "attention_res_divisor", "use_latent_update", "use_masks",
+    "method", "step_size", "temperature", "max_iter_to_alter", "refinement_iters", "mask_threshold",
+    "attention_res_divisor", "use_latent_update", "use_masks", "exclusive_masks", "warmup_steps",
 )
 MAX_SUBJECTS = 4  # the txt2img script has this many rows; the API and infotext are held to it too
 Phrase = text(max_length=200)
@@ -169,7 +171,7 @@ class ComposeSession:
             if lora.arch and lora.arch != model.arch:
                 raise ValueError(f"{name} is an {lora.arch} LoRA but the loaded model is {model.arch}")
         concepts = [LoraConcept(row.words.strip(), row.trigger.strip() or None) for row in request.concepts]
-        self.plan = plan_concepts(prompts[0], concepts, model.tokenizer, embeddings)
+        self.plan = plan_for(request.settings, prompts[0], concepts, model.tokenizer, embeddings)
         style_groups = {len(concepts): request.style_groups()} if request.style else {}
         self.lora_sets = pass_lora_sets(self.plan, style_groups)
         weights = [row.weight for row in request.concepts] + ([request.style_weight] if request.style else [])
@@ -183,14 +185,14 @@ class ComposeSession:
 
     def engine(
         self, num_steps: int, guidance_scale: float, *, latent_updates: bool = True, grad_context=nullcontext
-    ) -> ComposeEngine:
-        """An engine for one sampling run of ``num_steps`` with the host's CFG scale (see ``ComposeEngine``)."""
+    ) -> ComposeEngine | MaskedLoraEngine:
+        """An engine for one sampling run of ``num_steps`` with the host's CFG scale (``methods.build_engine``)."""
         settings = dataclasses.replace(
             self.request.settings,
             guidance_scale=guidance_scale,
             use_latent_update=self.request.settings.use_latent_update and latent_updates,
         )
-        return ComposeEngine(
+        return build_engine(
             self.plan, settings, self.runtime, self.lora_sets,
             cross_attention_modules(self.model.unet), num_steps,
             vae_scale_factor=self.model.vae_scale_factor, grad_context=grad_context,

@@ -13,6 +13,7 @@ import time
 
 from ..compose.session import MAX_SUBJECTS as MAX_CONCEPT_ROWS  # composition rows in the txt2img script
 from ..compose.session import USER_SETTINGS, ComposeRequest
+from ..compose.settings import METHODS as COMPOSE_METHODS
 from ..compose.settings import ComposeSettings
 from ..lora.reader import peek_lora
 from ..merge.objective import METHODS, SOLVERS, MergeSettings
@@ -273,6 +274,7 @@ class ComposeUI:
 
 
 _SETTING_LABELS = {
+    "method": "Mode: clora (one UNet pass per LoRA, the paper) | masked (one pass, each LoRA's output masked to its subject)",
     "step_size": "Latent update step size",
     "temperature": "Contrastive temperature",
     "max_iter_to_alter": "Update the latent until step (of 50)",
@@ -281,6 +283,8 @@ _SETTING_LABELS = {
     "attention_res_divisor": "Attention map resolution divisor",
     "use_latent_update": "Contrastive latent update",
     "use_masks": "Fuse with attention masks",
+    "exclusive_masks": "One subject per pixel (off: the paper's overlapping masks)",
+    "warmup_steps": "Masked mode: warm-up steps without subject LoRAs",
 }
 
 
@@ -372,9 +376,12 @@ def build_compose_ui(host: WebUIHost, elem_prefix: str) -> ComposeUI:
         components += [style, style_on, style_weight]
         for component, key in ((style, "style"), (style_on, "style_on"), (style_weight, "style_weight")):
             fields.append((component, _from_infotext(lambda r, key=key: getattr(r, key))))
-        with gr.Accordion("Settings (paper defaults)", open=False):
+        method = gr.Radio(label=_SETTING_LABELS["method"], choices=list(COMPOSE_METHODS), value=defaults.method)
+        components.append(method)
+        fields.append((method, _from_infotext(lambda r: r.settings.method)))
+        with gr.Accordion("Settings", open=False):
             with gr.Row():
-                for name in USER_SETTINGS:
+                for name in USER_SETTINGS[1:]:  # "method" first, above
                     value = getattr(defaults, name)
                     if isinstance(value, bool):
                         component = gr.Checkbox(label=_SETTING_LABELS[name], value=value)

@@ -119,12 +119,14 @@ def test_enable_off_is_bit_identical_to_no_extension(webui):
     assert webui.errors() == []
 
 
-@pytest.mark.parametrize("sampler", ["Euler a", "DDIM"])
-def test_composition_runs_and_leaves_nothing_behind(host, sampler):
+@pytest.mark.parametrize("sampler, method", [("Euler a", "clora"), ("DDIM", "clora"), ("Euler a", "masked"), ("DDIM", "masked")])
+def test_composition_runs_and_leaves_nothing_behind(host, sampler, method):
     cross_attention_forward = attention_class().forward
     hooks = model_hooks(host)
     plain = host.txt2img(PROMPT, "ugly", seed=3, sampler_name=sampler, steps=3)
-    composed = host.txt2img(PROMPT, "ugly", seed=3, sampler_name=sampler, steps=3, script_args=compose_args(host))
+    settings = {**SETTINGS, "method": method}
+    composed = host.txt2img(PROMPT, "ugly", seed=3, sampler_name=sampler, steps=3,
+                            script_args=compose_args(host, settings=settings))
     assert host.errors() == []
     assert not np.array_equal(pixels(plain), pixels(composed))  # sanity; the known answers are in test_compose_exact
     (recorded,) = re.findall(r'LoRACLR: ("(?:[^"\\]|\\.)*")', composed.info)
@@ -132,11 +134,13 @@ def test_composition_runs_and_leaves_nothing_behind(host, sampler):
         "concepts": [{"lora": "cat_lora", "words": "cat", "trigger": "sks", "weight": 1.0},
                      {"lora": "dog_lora", "words": "dog", "trigger": "zqx", "weight": 1.0}],
         "style": "", "style_weight": 1.0, "style_on": "",
-        "settings": {"step_size": 20.0, "temperature": 0.5, "max_iter_to_alter": 30, "refinement_iters": 1,
-                     "mask_threshold": 0.3, "attention_res_divisor": 16, "use_latent_update": True, "use_masks": True},
+        "settings": {"method": method, "step_size": 20.0, "temperature": 0.5, "max_iter_to_alter": 30,
+                     "refinement_iters": 1, "mask_threshold": 0.3, "attention_res_divisor": 16,
+                     "use_latent_update": True, "use_masks": True, "exclusive_masks": True, "warmup_steps": 1},
         "show_masks": False,
     }
-    repeated = host.txt2img(PROMPT, "ugly", seed=3, sampler_name=sampler, steps=3, script_args=compose_args(host))
+    repeated = host.txt2img(PROMPT, "ugly", seed=3, sampler_name=sampler, steps=3,
+                            script_args=compose_args(host, settings=settings))
     assert np.array_equal(pixels(composed), pixels(repeated)), "a composition must not depend on the one before it"
     assert model_hooks(host) == hooks
     assert attention_class().forward is cross_attention_forward
