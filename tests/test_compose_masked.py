@@ -188,3 +188,13 @@ def test_method_travels_through_the_request_and_bad_values_are_refused():
     values["settings"].update(method="masked", warmup_steps=-1)
     with pytest.raises(InputError, match="settings.warmup_steps"):
         ComposeRequest.from_dict(values)
+
+
+def test_each_lora_follows_its_subjects_region_and_global_styles_none(tiny_sd1):
+    from lib_loraclr.compose.masked import lora_regions
+
+    plan = plan_one_prompt(PROMPT, CONCEPTS, tiny_sd1.tokenizer)
+    assert lora_regions(plan, pass_lora_sets(plan)) == {0: (0,), 1: (1,)}
+    assert lora_regions(plan, pass_lora_sets(plan, {2: None})) == {0: (0,), 1: (1,)}  # global style: everywhere
+    assert lora_regions(plan, pass_lora_sets(plan, {2: [1]})) == {0: (0,), 1: (1,), 2: (1,)}
+    assert lora_regions(plan, pass_lora_sets(plan, {2: [0, 1]}))[2] == (0, 1)

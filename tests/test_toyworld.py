@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from bench.toyworld import judge, world
 from bench.toyworld.run import METHODS, parse_prompt, run
@@ -106,15 +107,44 @@ def test_committed_model_and_loras_load():
 @assets
 def test_reduced_benchmark_run(tmp_path):
     prompts = [parse_prompt("a quib and a zorb"), parse_prompt("a zorb and a dax")]
-    results = run(counts=(2,), seeds=1, first_seed=5, prompts=prompts, methods=("stack", "loraclr", "clora"),
+    results = run(counts=(2,), seeds=1, first_seed=5, prompts=prompts, methods=("stack", "loraclr", "clora", "masked"),
                   steps=4, out=str(tmp_path), log=lambda m: None, clora_refine_iters=1, capture_steps=4)
     entry = results["by_count"]["2"]
     for method in ("single", "stack", "loraclr"):
         assert 0.0 <= entry[method]["single_prompts"]["fidelity"] <= 1.0
-    assert entry["clora"]["pair_prompts"]["images"] == 1  # "a zorb and a dax" needs 3 concepts loaded
+    for method in ("clora", "masked"):
+        assert entry[method]["pair_prompts"]["images"] == 1  # "a zorb and a dax" needs 3 concepts loaded
+        assert 0.0 <= entry[method]["mask_iou"] <= 1.0 and len(entry[method]["mask_iou_by_step"]) == 4
+    # UNet batch rows per image against plain sampling's 2 per step: CLoRA's 3 passes, the single pass
+    assert entry["masked"]["cost"]["unet_rows_per_image"] == 1.0
+    assert entry["clora"]["cost"]["unet_rows_per_image"] >= 3.0
+    assert "mask IoU" in results["table"]
     assert results["settings"]["seeds"] == [5]
     assert "single LoRA -> method" in results["table"]
     for name in ("results.json", "table.txt", "plot.png", "grid.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["counts"] == [2]
-    assert set(METHODS) == {"stack", "svd", "lsq", "loraclr", "clora"}
+    assert set(METHODS) == {"stack", "svd", "lsq", "loraclr", "clora", "masked"}
+
+
+def test_mask_iou_compares_each_subject_mask_with_its_object():
+    from bench.toyworld.run import mask_iou
+
+    masks = torch.zeros(3, 1, 1, 8, 8)  # base, subject 0, subject 1 at the latent's 8x8 (4x4 pixels each)
+    masks[1, 0, 0, 0, 0] = 1.0  # subject 0 owns pixels [0:4, 0:4]
+    masks[2, 0, 0, 7, 7] = 1.0
+    masks[0] = 1 - masks[1:].sum(0)
+    obj = np.zeros((32, 32), bool)
+    obj[0:4, 2:6] = True  # half inside subject 0's cell: IoU = 8 / (16 + 16 - 8)
+    assert mask_iou(masks, [obj, None]) == [pytest.approx(8 / 24), 0.0]
+
+
+def test_style_prompts_end_with_the_style_words_and_tell_the_judge():
+    from bench.toyworld.run import pair_prompts, style_file, with_style
+
+    outline = next(s for s in world.STYLES if s.hollow)
+    (styled,) = with_style(pair_prompts(2), outline)
+    assert styled["prompt"] == "a zorb and a quib, outline style"
+    assert styled["judge"] == {"background": "black", "hollow": True}
+    assert with_style(pair_prompts(2), None) == pair_prompts(2)
+    assert os.path.isfile(os.path.join(LORA_DIR, style_file(outline)))

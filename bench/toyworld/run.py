@@ -48,7 +48,7 @@ from .judge import score
 from .model import latents_to_images
 from .train_base import DEFAULT_OUT as BASE_DIR
 from .train_loras import LORA_DIR
-from .world import COLOURS, CONCEPTS, SHAPES, SIZE, Concept
+from .world import COLOURS, CONCEPTS, SHAPES, SIZE, STYLES, Concept, Style
 
 # compositions: name -> ComposeSettings changes; the last three are CLoRA's diagnosis rows
 COMPOSITIONS = {
@@ -118,7 +118,7 @@ def judge_all(images, jobs, loaded: list[int]) -> list[dict]:
     rows = []
     for image, job in zip(images, jobs):
         others = [CONCEPTS[k].attributes() for k in loaded if k not in job["concepts"]]
-        result = score(image, job["wanted"], other_concepts=others)
+        result = score(image, job["wanted"], other_concepts=others, **job.get("judge", {}))
         rows.append({"prompt": job["prompt"], "seed": job["seed"], **{m: result[m] for m in METRICS},
                      "found": result["found"]})
     return rows
@@ -131,6 +131,18 @@ def mean_scores(rows: list[dict]) -> dict:
         values = [r[metric] for r in rows if r[metric] is not None]
         means[metric] = round(float(np.mean(values)), 4) if values else None
     return means | {"images": len(rows)}
+
+
+def with_style(prompts: list[dict], style: Style | None) -> list[dict]:
+    """The prompts with ", <style words>" appended and the judge told the style's background and outline."""
+    if style is None:
+        return prompts
+    return [{**p, "prompt": f"{p['prompt']}, {style.trigger}",
+             "judge": {"background": style.background, "hollow": style.hollow}} for p in prompts]
+
+
+def style_file(style: Style) -> str:
+    return f"{style.trigger.replace(' ', '_')}.safetensors"
 
 
 def expand(prompts: list[dict], seeds: int, first_seed: int = 0) -> list[dict]:
@@ -173,7 +185,7 @@ def mask_iou(masks: torch.Tensor, concept_pixels: list) -> list[float]:
     return ious
 
 
-def composition_images(model, lora_files, jobs, steps, settings, loaded):
+def composition_images(model, lora_files, jobs, steps, settings, loaded, style_loras=()):
     """Images, judged rows with mask IoU (final step and per step) and the cost of each composition."""
     pipeline = CLoRAPipeline(model)
     images, rows, per_step, seconds = [], [], [], 0.0
@@ -184,12 +196,12 @@ def composition_images(model, lora_files, jobs, steps, settings, loaded):
             t0 = time.perf_counter()
             result = pipeline(job["prompt"], concepts, [lora_files[k] for k in job["concepts"]], steps=steps,
                               seed=job["seed"], height=SIZE, width=SIZE, settings=settings, decode=False,
-                              keep_mask_history=True)
+                              keep_mask_history=True, styles=[(lora, None) for lora in style_loras])
             seconds += time.perf_counter() - t0
             image = latents_to_images(result.latents)[0]
             images.append(image)
             others = [CONCEPTS[k].attributes() for k in loaded if k not in job["concepts"]]
-            judged = score(image, job["wanted"], other_concepts=others)
+            judged = score(image, job["wanted"], other_concepts=others, **job.get("judge", {}))
             row = {"prompt": job["prompt"], "seed": job["seed"], **{m: judged[m] for m in METRICS},
                    "found": judged["found"], "mask_iou": float(np.mean(mask_iou(result.masks, judged["concept_pixels"])))}
             rows.append(row)
@@ -216,11 +228,12 @@ def plain_cost(model, jobs, steps) -> dict:
 def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), seeds: int = 2,
         methods=METHODS, steps: int = STEPS, out: str | None = None, log=print,
         clora_refine_iters: int = 4, capture_steps: int = 20, first_seed: int = 0,
-        prompts: list[dict] | None = None) -> dict:
+        prompts: list[dict] | None = None, style: Style | None = None) -> dict:
     started = time.time()
     model = load_base(base)
     needed = max(counts)
     lora_files = [read_lora(os.path.join(lora_dir, f"{c.trigger}.safetensors")) for c in CONCEPTS[:needed]]
+    extra = [read_lora(os.path.join(lora_dir, style_file(style)))] if style else []  # a global style on every image
     # maps at 8x8 (the UNet's first level); the paper's 20 refinement iterations cost too much CPU time
     clora_settings = ComposeSettings(attention_res_divisor=SIZE // 8, guidance_scale=GUIDANCE,
                                      refinement_iters=clora_refine_iters)
@@ -229,13 +242,14 @@ def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), 
     # the single-LoRA reference: each concept's LoRA alone on its own prompts
     reference_images = {}
     for k in range(needed):
-        jobs = expand(single_prompts(k), seeds, first_seed)
-        reference_images[k] = (jobs, generate_with(model, [lora_files[k]], jobs, steps))
+        jobs = expand(with_style(single_prompts(k), style), seeds, first_seed)
+        reference_images[k] = (jobs, generate_with(model, [lora_files[k]] + extra, jobs, steps))
     log(f"single-LoRA references: {time.time() - started:.0f}s")
 
     results = {"settings": {"counts": list(counts), "seeds": list(range(first_seed, first_seed + seeds)),
                             "methods": list(methods), "steps": steps,
                             "multi_concept_prompts": None if prompts is None else [p["prompt"] for p in prompts],
+                            "style": None if style is None else style.trigger,
                             "guidance": GUIDANCE, "clora_refinement_iters": clora_refine_iters, "base": base, "concepts": [c.__dict__ for c in CONCEPTS[:needed]]},
                "by_count": {}}
     with tempfile.TemporaryDirectory() as scratch:
@@ -243,7 +257,7 @@ def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), 
             loaded = list(range(count))
             single_jobs = [j for k in loaded for j in reference_images[k][0]]
             multi = pair_prompts(count) if prompts is None else [p for p in prompts if max(p["concepts"]) < count]
-            pair_jobs = expand(multi, seeds, first_seed)
+            pair_jobs = expand(with_style(multi, style), seeds, first_seed)
             entry = {"single": {"single_prompts": mean_scores(judge_all(
                 np.concatenate([reference_images[k][1] for k in loaded]), single_jobs, loaded))}}
             grid = {"single": np.concatenate([reference_images[k][1] for k in loaded])}
@@ -256,14 +270,14 @@ def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), 
                     plain = plain if plain is not None else plain_cost(model, pair_jobs, steps)
                     pair_images, pair_rows, per_step, cost = composition_images(
                         model, lora_files, pair_jobs, steps, dataclasses.replace(clora_settings, **COMPOSITIONS[method]),
-                        loaded)
+                        loaded, extra)
                     all_images = pair_images
                     info["mask_iou"] = round(float(np.mean([r["mask_iou"] for r in pair_rows])), 4) if pair_rows else None
                     info["mask_iou_by_step"] = [round(float(v), 4) for v in np.mean(per_step, axis=0)] if per_step else []
                     info["cost"] = {key: round(value / plain[key], 2) for key, value in cost.items()}
                 else:
                     if method == "stack":
-                        loras = lora_files[:count]
+                        loras = lora_files[:count] + extra
                     else:
                         path = os.path.join(scratch, f"{method}_{count}.safetensors")
                         summary = merge_to_file(
@@ -273,7 +287,7 @@ def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), 
                         info["ranks"] = sorted(set(summary["ranks"].values()))
                         info["report"] = report_means(summary, method)
                         stacked_report = report_means(summary, "sum", "stacked")
-                        loras = [read_lora(path)]
+                        loras = [read_lora(path)] + extra
                     all_images = generate_with(model, loras, single_jobs + pair_jobs, steps)
                     single_rows = judge_all(all_images[:len(single_jobs)], single_jobs, loaded)
                     pair_images = all_images[len(single_jobs):]
@@ -340,6 +354,14 @@ def _number(value):
     return "-" if value is None else f"{value:.2f}"
 
 
+def _section(title: str, columns: list[str], by_count, cell) -> list[str]:
+    """A titled table: one row per N, one ``cell(entry[method])`` per column."""
+    lines = ["", title, "| N | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for count, entry in by_count:
+        lines.append(f"| {count} | " + " | ".join(cell(entry.get(m, {})) for m in columns) + " |")
+    return lines
+
+
 def format_table(results: dict) -> str:
     methods = list(results["settings"]["methods"])
     merged = [m for m in methods if m not in COMPOSITIONS]  # compositions have no single-concept images of their own
@@ -366,30 +388,22 @@ def format_table(results: dict) -> str:
                  for m in methods]
         lines.append(f"| {count} | {_number(ref)} | " + " | ".join(cells) + " |")
     if composed:
-        lines += ["", "Compositions: mask IoU (each subject's final mask vs the judged object; per step at 25/50/75/100%) "
-                      "/ cost (UNet rows and seconds per image, relative to plain sampling one image at a time)",
-                  "| N | " + " | ".join(composed) + " |", "|---|" + "---|" * len(composed)]
-        for count, entry in by_count:
-            cells = []
-            for m in composed:
-                info = entry.get(m, {})
-                steps = info.get("mask_iou_by_step") or []
-                marks = [steps[max(0, round(len(steps) * q) - 1)] for q in (0.25, 0.5, 0.75, 1.0)] if steps else []
-                cost = info.get("cost") or {}
-                cells.append(f"{_number(info.get('mask_iou'))} ({' '.join(_number(v) for v in marks)}) / "
-                             f"{_number(cost.get('unet_rows_per_image'))}x rows, {_number(cost.get('seconds_per_image'))}x s")
-            lines.append(f"| {count} | " + " | ".join(cells) + " |")
+        def composition_cell(info):
+            steps = info.get("mask_iou_by_step") or []
+            marks = [steps[max(0, round(len(steps) * q) - 1)] for q in (0.25, 0.5, 0.75, 1.0)] if steps else []
+            cost = info.get("cost") or {}
+            return (f"{_number(info.get('mask_iou'))} ({' '.join(_number(v) for v in marks)}) / "
+                    f"{_number(cost.get('unet_rows_per_image'))}x rows, {_number(cost.get('seconds_per_image'))}x s")
+
+        lines += _section("Compositions: mask IoU (each subject's final mask vs the judged object; per step at "
+                          "25/50/75/100%) / cost (UNet rows and seconds per image, relative to plain sampling one "
+                          "image at a time)", composed, by_count, composition_cell)
     reported = [m for m in merged if any("report" in entry.get(m, {}) for _, entry in by_count)]
     if reported:
-        lines += ["", "Merge report (mean over the loaded concepts): retention / crosstalk / end to end "
-                      "(the whole UNet's output kept on fresh latents: 1 = the concept's own LoRA, 0 = base)",
-                  "| N | " + " | ".join(reported) + " |", "|---|" + "---|" * len(reported)]
-        for count, entry in by_count:
-            cells = []
-            for m in reported:
-                report = entry.get(m, {}).get("report") or {}
-                cells.append(" / ".join(_number(report.get(k)) for k in ("retention", "crosstalk", "end_to_end")))
-            lines.append(f"| {count} | " + " | ".join(cells) + " |")
+        lines += _section("Merge report (mean over the loaded concepts): retention / crosstalk / end to end "
+                          "(the whole UNet's output kept on fresh latents: 1 = the concept's own LoRA, 0 = base)",
+                          reported, by_count, lambda info: " / ".join(
+                              _number((info.get("report") or {}).get(k)) for k in ("retention", "crosstalk", "end_to_end")))
     return "\n".join(lines)
 
 
@@ -403,6 +417,8 @@ def main(argv=None):
     parser.add_argument("--prompt", action="append", dest="prompts",
                         help="a multi-concept prompt to use instead of the built-in pairs (repeatable)")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--style", choices=[s.trigger.split()[0] for s in STYLES],
+                        help="a global style on every image: its words end every prompt, its LoRA joins every method")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--out", default=os.path.join("out", "toyworld"))
     parser.add_argument("--threads", type=int, default=1)
@@ -425,7 +441,8 @@ def main(argv=None):
         parser.error(f"no --prompt has all its concepts among the first {max(counts)} ({', '.join(c.trigger for c in CONCEPTS[:max(counts)])})")
     results = run(args.base, args.loras, counts, args.seeds, methods, args.steps, args.out,
                   log=lambda m: print(m, flush=True), clora_refine_iters=args.clora_refine_iters,
-                  first_seed=args.first_seed, prompts=prompts)
+                  first_seed=args.first_seed, prompts=prompts,
+                  style=next((s for s in STYLES if s.trigger.split()[0] == args.style), None))
     print(results["table"])
     print(f"wrote {args.out}/results.json, table.txt, plot.png, grid.png ({results['seconds']:.0f}s)")
 

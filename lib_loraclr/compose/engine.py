@@ -163,7 +163,31 @@ class StepResult:
     losses: list[torch.Tensor]
 
 
-class ComposeEngine:
+class StepEngine:
+    """What every composition engine keeps and checks: the plan, its LoRA sets, the attention layers."""
+
+    def __init__(self, plan: ConceptPlan, settings: ComposeSettings, runtime: LoraRuntime,
+                 lora_sets: Sequence[frozenset[int]], attention_modules: list[nn.Module], vae_scale_factor: int):
+        if len(lora_sets) != len(plan.passes):
+            raise ValueError(f"{len(lora_sets)} LoRA sets for {len(plan.passes)} passes")
+        if not attention_modules:
+            raise ValueError("the UNet has no cross-attention (attn2) layers to read maps from")
+        self.plan = plan
+        self.settings = settings
+        self.runtime = runtime
+        self.lora_sets = [frozenset(s) for s in lora_sets]
+        self.attention_modules = list(attention_modules)
+        self.vae_scale_factor = vae_scale_factor
+
+    def _check(self, latent: torch.Tensor, conditioning: PassConditioning) -> None:
+        check_finite(latent, "the latent the sampler passed in")
+        if conditioning.num_passes != len(self.plan.passes):
+            raise ValueError(f"conditioning has {conditioning.num_passes} passes, the plan has {len(self.plan.passes)}")
+        if latent.shape[0] != conditioning.batch_size:
+            raise ValueError(f"latent batch {latent.shape[0]} != conditioning batch {conditioning.batch_size}")
+
+
+class ComposeEngine(StepEngine):
     """CLoRA for one generation: call ``step`` once per denoising step.
 
     plan, lora_sets: from ``plan_concepts`` and ``pass_lora_sets`` (indices into runtime's LoRAs).
@@ -190,16 +214,7 @@ class ComposeEngine:
     ):
         if mode not in MODES:
             raise ValueError(f"unknown compose mode {mode!r}; expected one of {MODES}")
-        if len(lora_sets) != len(plan.passes):
-            raise ValueError(f"{len(lora_sets)} LoRA sets for {len(plan.passes)} passes")
-        if not attention_modules:
-            raise ValueError("the UNet has no cross-attention (attn2) layers to read maps from")
-        self.plan = plan
-        self.settings = settings
-        self.runtime = runtime
-        self.lora_sets = [frozenset(s) for s in lora_sets]
-        self.attention_modules = list(attention_modules)
-        self.vae_scale_factor = vae_scale_factor
+        super().__init__(plan, settings, runtime, lora_sets, attention_modules, vae_scale_factor)
         self.mode = mode
         self.grad_context = grad_context
         self.alter_until = settings.alter_until(num_steps)
@@ -255,13 +270,6 @@ class ComposeEngine:
             loss = contrastive_attention_loss(maps, labels, self.settings.temperature)  # (B,)
             (grad,) = torch.autograd.grad(loss.sum(), latent_leaf)
         return loss.detach(), grad
-
-    def _check(self, latent: torch.Tensor, conditioning: PassConditioning) -> None:
-        check_finite(latent, "the latent the sampler passed in")
-        if conditioning.num_passes != len(self.plan.passes):
-            raise ValueError(f"conditioning has {conditioning.num_passes} passes, the plan has {len(self.plan.passes)}")
-        if latent.shape[0] != conditioning.batch_size:
-            raise ValueError(f"latent batch {latent.shape[0]} != conditioning batch {conditioning.batch_size}")
 
     def _query_count(self, latent: torch.Tensor) -> int:
         return self.settings.query_count(tuple(latent.shape[-2:]), self.vae_scale_factor)

@@ -30,7 +30,7 @@ from ..model import at_least_float32
 from ..runtime import LoraRuntime
 from .attention import ProbeCapture
 from .concepts import ConceptPlan
-from .engine import PassConditioning, RunUnet, StepResult, check_finite
+from .engine import PassConditioning, RunUnet, StepEngine, StepResult, check_finite
 from .fusion import cfg_combine, exclusive_masks
 from .regions import RegionalCrossAttention, RegionRouter
 from .settings import ComposeSettings
@@ -48,7 +48,7 @@ def lora_regions(plan: ConceptPlan, lora_sets: Sequence[frozenset[int]]) -> dict
     return {lora: tuple(sorted(groups)) for lora, groups in regions.items() if groups is not None}
 
 
-class MaskedLoraEngine:
+class MaskedLoraEngine(StepEngine):
     """Single-pass composition for one generation: call ``step`` once per denoising step.
 
     Same interface and arguments as ``engine.ComposeEngine`` (the plan must be a one-prompt
@@ -67,18 +67,9 @@ class MaskedLoraEngine:
         vae_scale_factor: int = 8,
         grad_context: Callable | None = None,
     ):
-        if len(lora_sets) != len(plan.passes):
-            raise ValueError(f"{len(lora_sets)} LoRA sets for {len(plan.passes)} passes")
         if len({p.clean_prompt for p in plan.passes}) != 1:
             raise ValueError("the single-pass composition needs one prompt for every subject (plan_one_prompt)")
-        if not attention_modules:
-            raise ValueError("the UNet has no cross-attention (attn2) layers to read maps from")
-        self.plan = plan
-        self.settings = settings
-        self.runtime = runtime
-        self.lora_sets = [frozenset(s) for s in lora_sets]
-        self.attention_modules = list(attention_modules)
-        self.vae_scale_factor = vae_scale_factor
+        super().__init__(plan, settings, runtime, lora_sets, attention_modules, vae_scale_factor)
         self.warmup_steps = min(settings.warmup_steps, num_steps)
         self.subject_passes = [i for i, p in enumerate(plan.passes) if p.lora_index is not None]
         self._regions = lora_regions(plan, self.lora_sets)
@@ -96,10 +87,7 @@ class MaskedLoraEngine:
         run_unet: RunUnet,
     ) -> StepResult:
         """One UNet pass with each subject LoRA in its region, CFG; the maps give the next regions."""
-        check_finite(latent, "the latent the sampler passed in")
-        if conditioning.num_passes != len(self.plan.passes) or latent.shape[0] != conditioning.batch_size:
-            raise ValueError(f"conditioning of {conditioning.num_passes} passes x {conditioning.batch_size} images "
-                             f"for a plan of {len(self.plan.passes)} passes and a latent of {latent.shape[0]}")
+        self._check(latent, conditioning)
         latent = latent.detach()
         batch, latent_hw = latent.shape[0], tuple(latent.shape[-2:])
         router, masks = self._state_for(batch, latent_hw, latent.device)
