@@ -146,7 +146,7 @@ def main() -> int:
 
     model = build_model(widths, device)
     loras = [random_lora(model, seed) for seed in (1, 2)]
-    settings = ComposeSettings(attention_res_divisor=args.divisor)
+    settings = ComposeSettings(method="clora", attention_res_divisor=args.divisor)
     unet_params = sum(p.numel() for p in model.unet.parameters()) / 1e6
     print(f"device {device}, UNet {unet_params:.1f}M params, {args.size}px, {args.steps} steps, 2 LoRAs, "
           f"updates at steps < {settings.alter_until(args.steps)}, refinement steps "

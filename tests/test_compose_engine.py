@@ -24,7 +24,7 @@ from lib_loraclr.runtime import LoraRuntime
 PROMPT = "a cat and a dog"
 CONCEPTS = [LoraConcept("cat", "sks"), LoraConcept("dog", "zqx")]
 # 4x4 attention maps at 64 px (down_blocks.1 / up_blocks.2 of the tiny model)
-SETTINGS = ComposeSettings(attention_res_divisor=16, refinement_iters=1, step_size=20.0)
+SETTINGS = ComposeSettings(method="clora", attention_res_divisor=16, refinement_iters=1, step_size=20.0)
 TIMESTEP = torch.tensor(601)
 
 
@@ -81,7 +81,7 @@ def all_hooks(*roots):
 
 
 def test_latent_update_lowers_loss(tiny_sd1, loras, plan):
-    settings = ComposeSettings(attention_res_divisor=16, refinement_iters=0, step_size=2.0)
+    settings = ComposeSettings(method="clora", attention_res_divisor=16, refinement_iters=0, step_size=2.0)
     with LoraRuntime(tiny_sd1.targets(), loras) as runtime:
         conditioning = encode_passes(tiny_sd1.encode, runtime, plan, pass_lora_sets(plan))
         engine = make_engine(tiny_sd1, plan, runtime, settings)
@@ -134,7 +134,8 @@ def test_truncated_loss_pass_matches_full_pass_and_skips_the_rest(tiny_sd1, lora
 
 
 def test_without_updates_and_masks_it_is_the_plain_pass_average(tiny_sd1, loras, plan):
-    settings = ComposeSettings(attention_res_divisor=16, use_latent_update=False, use_masks=False, guidance_scale=5.0)
+    settings = ComposeSettings(method="clora", attention_res_divisor=16, use_latent_update=False, use_masks=False,
+                               guidance_scale=5.0)
     lora_sets = pass_lora_sets(plan)
     z = latent()
     with LoraRuntime(tiny_sd1.targets(), loras) as runtime:
@@ -257,8 +258,11 @@ def test_compose_cli_writes_image_and_masks(tiny_sd1_folder, lora_paths, tmp_pat
         "--lora", lora_paths[1], "--words", "dog", "--trigger", "zqx",
         "--out", out, "--save-masks", masks, "--steps", "2", "--size", "64", "--attention-divisor", "16",
     ]
-    assert run_cli(argv) == 0
+    assert run_cli(argv + ["--method", "clora"]) == 0  # CLoRA: each LoRA's pass has its own trigger
     assert "pass 1: a sks cat and a dog" in capsys.readouterr().out
+    os.remove(out), os.remove(masks)
+    assert run_cli(argv) == 0  # the default single pass: one prompt with every trigger
+    assert "pass 1: a sks cat and a zqx dog" in capsys.readouterr().out
     image, sheet = Image.open(out), Image.open(masks)
     assert image.size == (64, 64)
     assert sheet.width == 64 and sheet.height > 64  # the legend strip below the image
@@ -304,7 +308,7 @@ def test_zero_weight_loras_without_updates_sample_exactly_the_plain_guided_image
     3e-5 to 5e-5 at latents of magnitude ~44; a wrong sigma or guidance moves them by > 0.1)."""
     from lib_loraclr.sampling import sample
 
-    settings = ComposeSettings(attention_res_divisor=16, use_latent_update=False, guidance_scale=5.0)
+    settings = ComposeSettings(method="clora", attention_res_divisor=16, use_latent_update=False, guidance_scale=5.0)
     composed = CLoRAPipeline(tiny_sd1)(
         PROMPT, [LoraConcept("cat"), LoraConcept("dog")], loras, lora_weights=[0.0, 0.0], steps=4, seed=2,
         height=64, width=64, settings=settings, sampler=sampler, decode=False,

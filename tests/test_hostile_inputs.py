@@ -135,11 +135,11 @@ def test_composition_request_is_typed(payload, message):
 
 def test_composition_enabled_must_be_a_boolean_in_both_argument_forms():
     for args in ([{"enabled": "false", "concepts": [{"lora": "cat", "words": "cat"}]}],
-                 ["false"] + [""] * 28):
+                 ["false"] + [""] * 31):
         with pytest.raises(InputError) as error:
             request_from_args(args)
         assert str(error.value) == "composition request: enabled: value is not a valid boolean"
-    with pytest.raises(ValueError, match="takes one object or 29 values, got 3"):
+    with pytest.raises(ValueError, match="takes one object or 32 values, got 3"):
         request_from_args([True, "cat", "cat"])
 
 
@@ -470,7 +470,7 @@ def test_engine_refuses_a_black_image(tiny_sd1):
     from lib_loraclr.runtime import LoraRuntime
 
     plan = plan_concepts("a cat and a dog", [LoraConcept("cat"), LoraConcept("dog")], tiny_sd1.tokenizer)
-    settings = ComposeSettings(attention_res_divisor=16, use_latent_update=False, use_masks=False)
+    settings = ComposeSettings(method="clora", attention_res_divisor=16, use_latent_update=False, use_masks=False)
     with LoraRuntime(tiny_sd1.targets(), []) as runtime:
         sets = [frozenset()] * len(plan.passes)
         conditioning = encode_passes(tiny_sd1.encode, runtime, plan, sets)

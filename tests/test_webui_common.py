@@ -139,7 +139,7 @@ def test_runtime_hooks_only_while_attached(tiny_sd1, lora_folder):
 def test_session_encodes_per_pass_and_leaves_no_hooks(tiny_sd1, lora_folder):
     files = scan_lora_folder(str(lora_folder))
     request = ComposeRequest((ConceptRow("cat_lora", "cat", "sks"), ConceptRow("dog_lora", "dog", "zqx")),
-                             settings=ComposeSettings(attention_res_divisor=16, refinement_iters=1))
+                             settings=ComposeSettings(method="clora", attention_res_divisor=16, refinement_iters=1))
     session = ComposeSession(tiny_sd1, request, files, ["a cat and a dog"] * 2, ["ugly"] * 2)
     assert session.conditioning.num_passes == 3 and session.conditioning.batch_size == 2
     assert not any(m._forward_hooks for m in tiny_sd1.targets().values())

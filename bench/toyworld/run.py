@@ -52,11 +52,11 @@ from .world import COLOURS, CONCEPTS, SHAPES, SIZE, STYLES, Concept, Style
 
 # compositions: name -> ComposeSettings changes; the last three are CLoRA's diagnosis rows
 COMPOSITIONS = {
-    "clora": {},  # CLoRA with one owner per pixel (exclusive masks): our default
+    "clora": {"method": "clora"},  # CLoRA with one owner per pixel (exclusive masks)
     "masked": {"method": "masked"},  # the single-pass mode
-    "clora_paper": {"exclusive_masks": False},  # the paper's union masks, overlaps averaged
-    "clora_masks_only": {"use_latent_update": False},
-    "clora_update_only": {"use_masks": False},
+    "clora_paper": {"method": "clora", "exclusive_masks": False},  # the paper's union masks, overlaps averaged
+    "clora_masks_only": {"method": "clora", "use_latent_update": False},
+    "clora_update_only": {"method": "clora", "use_masks": False},
 }
 METHODS = ("stack", "svd", "lsq", "loraclr", "clora", "masked")
 ALL_METHODS = METHODS + tuple(m for m in COMPOSITIONS if m not in METHODS)

@@ -22,10 +22,11 @@ METHODS = ("clora", "masked")  # one UNet pass per LoRA fused by masks | one pas
 class ComposeSettings:
     """Composition settings; the annotations are the one check of each value (``validation.checked``).
 
-    method: "clora" (the paper: one UNet pass per LoRA plus a base pass, fused by attention
-        masks, with the contrastive latent update) or "masked" (one UNet pass per step, each
-        subject LoRA's output multiplied by its attention mask; ``compose.masked``). The
-        latent-update and refinement settings apply to "clora" only.
+    method: "masked" (default: one UNet pass per step, each subject LoRA's output multiplied
+        by its attention mask; ``compose.masked``: about plain sampling's cost, and the better
+        mode in the toy world) or "clora" (the paper: one UNet pass per LoRA plus a base pass,
+        fused by attention masks, with the contrastive latent update). The latent-update and
+        refinement settings apply to "clora" only.
     warmup_steps: "masked" only: the first steps run without the subject LoRAs in the image
         layers, to form the first masks; 0 runs every LoRA everywhere at step 0.
 
@@ -52,7 +53,7 @@ class ComposeSettings:
     guidance_scale: classifier-free guidance scale; 7.5 (code, diffusers' SD default).
     """
 
-    method: Literal[METHODS] = "clora"
+    method: Literal[METHODS] = "masked"
     warmup_steps: StepIndex = 1
     step_size: real(ge=0, le=1000) = 20.0
     temperature: real(gt=0, le=100) = 0.5

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TITLE = "LoRACLR composition"
 PROMPT = "a cat and a dog"
 # 4x4 attention maps at 64 px on the tiny model, one refinement iteration: fast
-SETTINGS = {"attention_res_divisor": 16, "refinement_iters": 1}
+SETTINGS = {"method": "clora", "attention_res_divisor": 16, "refinement_iters": 1}
 
 
 def pixels(processed, index=0):
