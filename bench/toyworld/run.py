@@ -185,6 +185,13 @@ def mask_iou(masks: torch.Tensor, concept_pixels: list) -> list[float]:
     return ious
 
 
+def subject_overlap(masks: torch.Tensor) -> float:
+    """Mean IoU between the subjects' masks (P, 1, 1, h, w; pass 0 is the base): 0 = separated."""
+    owned = [masks[p, 0, 0] > 0 for p in range(1, masks.shape[0])]
+    pairs = [(a & b).sum() / (a | b).sum().clamp(min=1) for i, a in enumerate(owned) for b in owned[i + 1:]]
+    return float(torch.stack(pairs).mean()) if pairs else 0.0
+
+
 def composition_images(model, lora_files, jobs, steps, settings, loaded, style_loras=()):
     """Images, judged rows with mask IoU (final step and per step) and the cost of each composition."""
     pipeline = CLoRAPipeline(model)
@@ -206,6 +213,10 @@ def composition_images(model, lora_files, jobs, steps, settings, loaded, style_l
                    "found": judged["found"], "mask_iou": float(np.mean(mask_iou(result.masks, judged["concept_pixels"])))}
             rows.append(row)
             per_step.append([float(np.mean(mask_iou(m, judged["concept_pixels"]))) for m in result.mask_history])
+            updates = [loss for step in result.loss_history for loss in step]
+            if updates:  # the contrastive loss before the first and before the last latent update
+                row["loss_first"], row["loss_last"] = updates[0], updates[-1]
+            row["subject_overlap"] = subject_overlap(result.masks)
     finally:
         counter.close()
     cost = {"unet_rows_per_image": counter.rows / max(len(jobs), 1), "seconds_per_image": seconds / max(len(jobs), 1)}
@@ -274,6 +285,9 @@ def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), 
                     all_images = pair_images
                     info["mask_iou"] = round(float(np.mean([r["mask_iou"] for r in pair_rows])), 4) if pair_rows else None
                     info["mask_iou_by_step"] = [round(float(v), 4) for v in np.mean(per_step, axis=0)] if per_step else []
+                    for key in ("loss_first", "loss_last", "subject_overlap"):
+                        values = [r[key] for r in pair_rows if key in r]
+                        info[key] = round(float(np.mean(values)), 4) if values else None
                     info["cost"] = {key: round(value / plain[key], 2) for key, value in cost.items()}
                 else:
                     if method == "stack":
@@ -392,12 +406,16 @@ def format_table(results: dict) -> str:
             steps = info.get("mask_iou_by_step") or []
             marks = [steps[max(0, round(len(steps) * q) - 1)] for q in (0.25, 0.5, 0.75, 1.0)] if steps else []
             cost = info.get("cost") or {}
+            loss = (f"{_number(info.get('loss_first'))}->{_number(info.get('loss_last'))}"
+                    if info.get("loss_first") is not None else "-")
             return (f"{_number(info.get('mask_iou'))} ({' '.join(_number(v) for v in marks)}) / "
+                    f"{_number(info.get('subject_overlap'))} / {loss} / "
                     f"{_number(cost.get('unet_rows_per_image'))}x rows, {_number(cost.get('seconds_per_image'))}x s")
 
         lines += _section("Compositions: mask IoU (each subject's final mask vs the judged object; per step at "
-                          "25/50/75/100%) / cost (UNet rows and seconds per image, relative to plain sampling one "
-                          "image at a time)", composed, by_count, composition_cell)
+                          "25/50/75/100%) / subjects' mask overlap (IoU between subjects' final masks) / "
+                          "contrastive loss at the first -> last latent update / cost (UNet rows and seconds per "
+                          "image, relative to plain sampling one image at a time)", composed, by_count, composition_cell)
     reported = [m for m in merged if any("report" in entry.get(m, {}) for _, entry in by_count)]
     if reported:
         lines += _section("Merge report (mean over the loaded concepts): retention / crosstalk / end to end "

@@ -41,14 +41,15 @@ _SETTING_OPTIONS = {"--guidance-scale": "--guidance", "--attention-res-divisor":
 @dataclass
 class ComposeResult:
     """images: B PIL images; latents: (B, C, h, w) final x0; masks: (P, B, 1, h, w) last
-    step's fusion weights; plan: the passes and concept groups used; mask_history: each
-    step's masks (``keep_mask_history=True``)."""
+    step's fusion weights; plan: the passes and concept groups used; mask_history and
+    loss_history: each step's masks and latent-update losses (``keep_mask_history=True``)."""
 
     images: list
     latents: torch.Tensor
     masks: torch.Tensor
     plan: ConceptPlan
     mask_history: list[torch.Tensor] | None = None  # every step's masks (CPU), when asked for
+    loss_history: list[list[float]] | None = None  # every step's contrastive losses (image 0), when asked for
 
 
 class CLoRAPipeline:
@@ -104,12 +105,13 @@ class CLoRAPipeline:
                 plan, settings, runtime, lora_sets, cross_attention_modules(model.unet), steps,
                 vae_scale_factor=factor, mode=mode,
             )
-            history = [] if keep_mask_history else None
-            latents, masks = self._sample(engine, conditioning, steps, seed, height, width, sampler, callback, history)
+            history, losses = ([], []) if keep_mask_history else (None, None)
+            latents, masks = self._sample(engine, conditioning, steps, seed, height, width, sampler, callback,
+                                          history, losses)
         images = decode_latents(self.vae, latents) if decode else []
-        return ComposeResult(images, latents, masks, plan, history)
+        return ComposeResult(images, latents, masks, plan, history, losses)
 
-    def _sample(self, engine, conditioning, steps, seed, height, width, sampler, callback, history):
+    def _sample(self, engine, conditioning, steps, seed, height, width, sampler, callback, history, losses):
         """The engine's sampler (``sampling.sample_steps``), CLoRA's step in place of the UNet call."""
         model = self.model
         timesteps = trailing_timesteps(len(model.alphas_cumprod), steps)
@@ -128,6 +130,7 @@ class CLoRAPipeline:
             masks = result.masks
             if history is not None:
                 history.append(masks.detach().cpu())
+                losses.append([float(loss[0]) for loss in result.losses])
             x = at_least_float32(result.latent) / input_scale
             return x, x - sigma * result.prediction
 
