@@ -77,6 +77,7 @@ class MaskedLoraEngine(StepEngine):
         self.probe_tokens = [plan.passes[p].mask_positions + (plan.passes[p].end_position,) for p in self.subject_passes]
         self._router: RegionRouter | None = None
         self._masks: torch.Tensor | None = None  # (P, B, 1, h, w) for the next step
+        self._pass_contexts: tuple[PassConditioning, torch.Tensor] | None = None
 
     def step(
         self,
@@ -102,9 +103,8 @@ class MaskedLoraEngine(StepEngine):
             stack.enter_context(torch.no_grad())
             stack.enter_context(self.runtime.regions(router))
             stack.enter_context(capture)  # before the regional hooks: it reads the layer's own inputs
-            contexts = torch.stack([conditioning.pass_batch(p).context for p in range(len(self.plan.passes))])
             regional = stack.enter_context(RegionalCrossAttention(
-                self.attention_modules, self.runtime, self.lora_sets, contexts, latent_hw))
+                self.attention_modules, self.runtime, self.lora_sets, self._contexts(conditioning), latent_hw))
             regional.update(masks)
             # the base pass's conditioning: every cross-attention layer swaps in each pass's own
             prediction = run_unet(torch.cat([latent, latent]), timestep, conditioning.pass_batch(0))
@@ -124,6 +124,13 @@ class MaskedLoraEngine(StepEngine):
             self._masks = torch.full((passes, batch, 1, *latent_hw), 1.0 / passes, device=device)
         return self._router, self._masks
 
+
+    def _contexts(self, conditioning: PassConditioning) -> torch.Tensor:
+        """(P, 2B, T, C) every pass's [uncond, cond] context, stacked once per conditioning."""
+        if self._pass_contexts is None or self._pass_contexts[0] is not conditioning:
+            stacked = torch.stack([conditioning.pass_batch(p).context for p in range(conditioning.num_passes)])
+            self._pass_contexts = (conditioning, stacked)
+        return self._pass_contexts[1]
 
     @contextmanager
     def _own_keys(self, lora_set):
