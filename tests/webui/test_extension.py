@@ -216,7 +216,8 @@ def test_concept_lora_tags_are_not_applied_by_the_builtin_lora(host):
     assert np.array_equal(pixels(plain), pixels(tagged))
 
 
-def test_show_masks_adds_overlays_and_batches_work(host, monkeypatch):
+@pytest.mark.parametrize("method", ["clora", "masked"])
+def test_show_masks_adds_overlays_and_batches_work(host, monkeypatch, method):
     import lib_loraclr.webui.compose_script as compose_script
     from lib_loraclr.compose.overlay import LEGEND_ROW, mask_overlay
 
@@ -228,7 +229,7 @@ def test_show_masks_adds_overlays_and_batches_work(host, monkeypatch):
 
     monkeypatch.setattr(compose_script, "mask_overlay", recording_overlay)
     processed = host.txt2img(PROMPT, seed=6, steps=2, batch_size=2, n_iter=2,
-                             script_args=compose_args(host, show_masks=True))
+                             script_args=compose_args(host, show_masks=True, settings={**SETTINGS, "method": method}))
     assert host.errors() == []
     # 4 generated images, then their 4 mask overlays in the same order, each with the first infotext
     assert len(processed.images) == 8 and len(processed.infotexts) == 8
