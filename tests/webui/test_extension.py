@@ -246,6 +246,20 @@ def test_show_masks_adds_overlays_and_batches_work(host, monkeypatch, method):
     assert len({overlay.tobytes() for *_, overlay in overlays}) == 4  # one per image (their seeds differ)
 
 
+@pytest.mark.parametrize("method", ["clora", "masked"])
+def test_hires_fix_composes_the_second_pass_at_its_size(host, method):
+    hooks = model_hooks(host)
+    processed = host.txt2img(PROMPT, seed=4, steps=2, enable_hr=True, hr_upscaler="Latent", hr_scale=2,
+                             denoising_strength=0.5, script_args=compose_args(
+                                 host, show_masks=True, settings={**SETTINGS, "method": method}))
+    assert host.errors() == []
+    assert len(processed.images) == 2 and processed.images[0].size == (128, 128)
+    from lib_loraclr.compose.overlay import LEGEND_ROW
+
+    assert processed.images[1].size == (128, 128 + LEGEND_ROW * 2 + 4)  # the second pass's masks, at its size
+    assert model_hooks(host) == hooks
+
+
 @pytest.mark.parametrize("prompt, sampler, message", [
     ("a cat and a bird", "Euler a", "not found in prompt"),
     (PROMPT, "Heun", "is not supported"),
