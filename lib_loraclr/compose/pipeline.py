@@ -336,8 +336,8 @@ def add_compose_command(subparsers, parents=()):
     parser.add_argument("--no-latent-update", action="store_true", help="skip the contrastive latent update")
     parser.add_argument("--no-masks", action="store_true", help="average the passes instead of masking")
     parser.add_argument("--method", choices=METHODS, default=defaults.method,
-                        help="clora: one UNet pass per LoRA fused by masks (the paper); masked: one pass per step, "
-                             "each LoRA's output kept to its subject's mask")
+                        help="masked (default): one UNet pass per step, each LoRA's output kept to its subject's "
+                             "mask; clora: one UNet pass per LoRA fused by masks (the paper)")
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
                         help="masked: first steps without the subject LoRAs, to form the first masks")
     parser.add_argument("--union-masks", action="store_true",
