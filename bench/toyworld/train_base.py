@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from .model import build_components, images_to_pixels, images_to_tensor, save_pipeline
+from .model import FACTOR, build_components, images_to_pixels, images_to_tensor, save_pipeline
 from .world import base_example
 
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "assets", "base")
@@ -33,8 +33,12 @@ def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def diffusion_loss(unet, text_encoder, ids, clean, alphas_cumprod, generator):
-    """V-prediction loss of one batch, unweighted as SD 2 trains (clean: (B, C, H, W) latents)."""
+def diffusion_loss(unet, text_encoder, ids, clean, alphas_cumprod, generator, pixel_weights=None):
+    """V-prediction loss of one batch, unweighted as SD 2 trains (clean: (B, C, H, W) latents).
+
+    pixel_weights: optional (B, H*4, W*4) weights of the image's pixels; the latent is the exact
+    space-to-depth of the pixels, so its squared error maps back to them (``pixel_shuffle``).
+    """
     batch = clean.shape[0]
     t = torch.randint(0, len(alphas_cumprod), (batch,), generator=generator).to(clean.device)
     noise = torch.randn(clean.shape, generator=generator).to(clean.device)
@@ -43,7 +47,11 @@ def diffusion_loss(unet, text_encoder, ids, clean, alphas_cumprod, generator):
     context = text_encoder(ids.to(clean.device)).last_hidden_state
     velocity = unet(noisy, t, encoder_hidden_states=context).sample
     target = a.sqrt() * noise - (1 - a).sqrt() * clean
-    return (velocity - target).square().mean()
+    if pixel_weights is None:
+        return (velocity - target).square().mean()
+    error = torch.nn.functional.pixel_shuffle((velocity - target).square(), FACTOR)  # (B, 3, H, W)
+    weights = pixel_weights.to(clean.device)[:, None]
+    return (error * weights).mean() / weights.mean()
 
 
 class Batches(torch.utils.data.Dataset):

@@ -32,7 +32,7 @@ from torch import nn
 from lib_loraclr.hosts.diffusers import load_base
 from lib_loraclr.lora.writer import write_kohya_lora, write_sidecar
 
-from .model import FACTOR, images_to_tensor
+from .model import images_to_tensor
 from .train_base import DEFAULT_OUT as BASE_DIR, diffusion_loss, lr_at, token_ids
 from .world import (CONCEPTS, SIZE, STYLES, caption, concept_example, left_to_right, random_object_type,
                     random_scene, render, shape_mask, style_example)
@@ -144,22 +144,6 @@ def object_weights(scenes, weight: float, size: int = SIZE) -> torch.Tensor:
     return torch.from_numpy(maps)
 
 
-def weighted_diffusion_loss(unet, text_encoder, ids, clean, alphas_cumprod, generator, weights):
-    """``train_base.diffusion_loss`` (same draws from ``generator``) with per-pixel weights: the
-    latent is the exact space-to-depth of the pixels, so its squared error maps back to pixels."""
-    batch = clean.shape[0]
-    t = torch.randint(0, len(alphas_cumprod), (batch,), generator=generator).to(clean.device)
-    noise = torch.randn(clean.shape, generator=generator).to(clean.device)
-    a = alphas_cumprod.to(clean.device)[t].view(-1, 1, 1, 1)
-    noisy = a.sqrt() * clean + (1 - a).sqrt() * noise
-    context = text_encoder(ids.to(clean.device)).last_hidden_state
-    velocity = unet(noisy, t, encoder_hidden_states=context).sample
-    target = a.sqrt() * noise - (1 - a).sqrt() * clean
-    error = nn.functional.pixel_shuffle((velocity - target).square(), FACTOR)  # (B, 3, H, W)
-    weights = weights.to(clean.device)[:, None]
-    return (error * weights).mean() / weights.mean()
-
-
 def train_one(model, name: str, trigger: str, make_example, *, steps: int, batch: int, lr: float, rank: int,
               seed: int, out_dir: str, description: str, scope: str = "attention",
               object_weight: float = 1.0) -> dict:
@@ -175,11 +159,8 @@ def train_one(model, name: str, trigger: str, make_example, *, steps: int, batch
             examples = [make_example(seed * 10**6 + step * batch + i) for i in range(batch)]
             clean = images_to_tensor(np.stack([e[0] for e in examples])).to(model.device)
             ids = token_ids(model.tokenizer, [e[1] for e in examples])
-            if object_weight == 1.0:
-                loss = diffusion_loss(model.unet, model.text_encoder, ids, clean, alphas_cumprod, generator)
-            else:
-                loss = weighted_diffusion_loss(model.unet, model.text_encoder, ids, clean, alphas_cumprod, generator,
-                                               object_weights([e[2] for e in examples], object_weight))
+            weights = None if object_weight == 1.0 else object_weights([e[2] for e in examples], object_weight)
+            loss = diffusion_loss(model.unet, model.text_encoder, ids, clean, alphas_cumprod, generator, weights)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, steps, lr, 20)
             optimizer.zero_grad(set_to_none=True)
