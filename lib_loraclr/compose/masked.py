@@ -52,7 +52,9 @@ class MaskedLoraEngine(StepEngine):
     """Single-pass composition for one generation: call ``step`` once per denoising step.
 
     Same interface and arguments as ``engine.ComposeEngine`` (the plan must be a one-prompt
-    plan, ``concepts.plan_one_prompt``); the latent is never updated here.
+    plan, ``concepts.plan_one_prompt``); the latent is never updated here, so no gradient is
+    taken and ``grad_context`` is accepted only for that shared interface. ``StepResult.masks``
+    are the masks the step's maps give, which route the next step (and show in the previews).
     """
 
     def __init__(
@@ -123,7 +125,6 @@ class MaskedLoraEngine(StepEngine):
             passes = len(self.plan.passes)
             self._masks = torch.full((passes, batch, 1, *latent_hw), 1.0 / passes, device=device)
         return self._router, self._masks
-
 
     def _contexts(self, conditioning: PassConditioning) -> torch.Tensor:
         """(P, 2B, T, C) every pass's [uncond, cond] context, stacked once per conditioning."""
