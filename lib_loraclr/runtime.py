@@ -249,8 +249,9 @@ class LoraRuntime:
             self._plan = previous
 
     @contextmanager
-    def regions(self, scale: RegionScale) -> Iterator["LoraRuntime"]:
-        """Scale each LoRA's output per row and position by ``scale`` for a block (module docstring).
+    def regions(self, scale: RegionScale | None) -> Iterator["LoraRuntime"]:
+        """Scale each LoRA's output per row and position by ``scale`` for a block (module docstring;
+        None: no scaling, e.g. one layer's call inside a regional pass).
 
         Applies with ``set_active`` plans; combined with row sets it raises at the forward.
         """
@@ -260,17 +261,6 @@ class LoraRuntime:
             yield self
         finally:
             self._region = previous
-
-    @contextmanager
-    def rows_only(self, row_sets: list[Iterable[int]]) -> Iterator["LoraRuntime"]:
-        """``rows(row_sets)`` with no regions for a block (e.g. one layer's call inside a regional pass)."""
-        previous = self._plan, self._region
-        self.set_rows(row_sets)
-        self._region = None
-        try:
-            yield self
-        finally:
-            self._plan, self._region = previous
 
     def attach(self) -> None:
         """Hook the targeted layers (no-op when already hooked)."""

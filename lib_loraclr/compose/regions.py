@@ -15,6 +15,7 @@ Two pieces, both driven by the fusion weights of the passes (base pass + one per
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,7 @@ class RegionalCrossAttention:
     """Each cross-attention layer run once per pass, its outputs fused by the masks.
 
     A forward pre-hook repeats the layer's (R, N, C) queries once per pass and gives each
-    block its pass's context; the runtime routes each pass's LoRAs to its block (``rows_only``);
+    block its pass's context; the runtime routes each pass's LoRAs to its block (``rows``, regions off);
     the forward hook returns ``sum_p mask_p * out_p`` (R, N, C). Use as a context manager: the
     hooks are removed and the runtime's routing restored on exit, also on errors.
 
@@ -106,7 +107,7 @@ class RegionalCrossAttention:
             handle.remove()
         self._handles = []
         while self._routing:  # a layer that raised never reached its forward hook
-            self._routing.pop().__exit__(None, None, None)
+            self._routing.pop().close()
 
     def _pre_hook(self, module, args, kwargs):
         hidden, own_context = layer_inputs(args, kwargs)
@@ -126,13 +127,14 @@ class RegionalCrossAttention:
         else:
             kwargs["encoder_hidden_states" if "encoder_hidden_states" in kwargs or "hidden_states" in kwargs
                    else "context"] = context
-        routing = self.runtime.rows_only(self.lora_sets)
-        routing.__enter__()
+        routing = ExitStack()  # each pass's LoRAs on its block, unscaled, for this layer's call
+        routing.enter_context(self.runtime.regions(None))
+        routing.enter_context(self.runtime.rows(self.lora_sets))
         self._routing.append(routing)
         return tuple(args), kwargs
 
     def _post_hook(self, module, args, kwargs, output):
-        self._routing.pop().__exit__(None, None, None)
+        self._routing.pop().close()
         passes = self.contexts.shape[0]
         out = output.unflatten(0, (passes, -1))  # (P, R, N, C)
         images = self.masks.shape[1]
