@@ -11,6 +11,7 @@ high-water mark from wait4. Each N runs twice, with the quality report and with
 
     python bench/bench_merge_scale.py [--quick] [--arch sd1|sdxl|both] [--counts 2,4,8,12]
         [--capture-size 64] [--capture-steps 2] [--cache DIR] [--max-memory GIB] [--json FILE]
+        [--method loraclr|lsq|sum|svd|distill] [--distill-iters 8]
 
 --quick: sd1 only, N = 2 and 4, 64 px, 2 steps (flags given explicitly still win).
 Capture size and steps only change the rows streamed through the statistics and the UNet's
@@ -252,7 +253,9 @@ def merge_argv(args, folder, loras, triggers, work, n, report, flags) -> list[st
         argv += ["--lora", path, "--trigger", trigger]
     argv += ["--out", os.path.join(work, f"merged_{n}{'' if report else '_noreport'}.safetensors"),
              "--capture-size", str(args.capture_size), "--capture-steps", str(args.capture_steps),
-             "--device", args.device, "--overwrite"]
+             "--device", args.device, "--overwrite", "--method", args.method]
+    if args.method == "distill":
+        argv += ["--distill-iters", str(args.distill_iters)]
     argv += ["--report", os.path.join(work, f"report_{n}.json")] if report else ["--no-report"]
     if args.max_memory is not None and "--max-memory" in flags:
         argv += ["--max-memory", f"{args.max_memory:g}"]
@@ -261,11 +264,11 @@ def merge_argv(args, folder, loras, triggers, work, n, report, flags) -> list[st
 
 def run_merge(argv, kill_above, timeout, report_path=None) -> dict:
     run = MeteredRun(argv, kill_above, timeout, child_env()).run()
-    run["seconds"] = run["memory"] = None
+    run["seconds"] = run["memory"] = run["distill"] = None
     if run["rc"] == 0 and report_path and os.path.isfile(report_path):
         with open(report_path, encoding="utf-8") as f:
             summary = json.load(f)
-        run["seconds"], run["memory"] = summary.get("seconds"), summary.get("memory")
+        run["seconds"], run["memory"], run["distill"] = summary.get("seconds"), summary.get("memory"), summary.get("distill")
     return run
 
 
@@ -307,6 +310,12 @@ def print_run_detail(label, run):
         print(f"      memory plan: budget {gib(memory['budget_bytes']):.2f} GiB, capture passes {memory['passes']}, "
               f"concept batches per pass {memory.get('batches', {})}, statistics peak "
               f"{gib(memory['peak_statistics_bytes']):.2f} GiB")
+    if run.get("distill") and run.get("seconds"):
+        distill = run["distill"]
+        steps = run["seconds"]["distill"] / distill["steps"]
+        print(f"      distill: pool of {distill['pool_samples']} points, {distill['draws_per_forward']} draws per forward "
+              f"(backward estimate {gib(distill['backward_bytes_per_draw']):.2f} GiB per draw), "
+              f"{steps:.2f} s per step, loss {distill['loss_first']:.4g} -> {distill['loss_last']:.4g}")
 
 
 def bench_arch(args, arch, counts, flags, kill_above, log) -> dict:
@@ -451,6 +460,9 @@ def main():
     parser.add_argument("--counts", default=None, help="numbers of LoRAs, e.g. 2,4,8,12 (default per arch)")
     parser.add_argument("--capture-size", type=int, default=64, help="image size the merge samples (px)")
     parser.add_argument("--capture-steps", type=int, default=2, help="sampling steps the merge captures")
+    parser.add_argument("--method", default="loraclr", help="the CLI's --method (loraclr, lsq, sum, svd, distill)")
+    parser.add_argument("--distill-iters", type=int, default=8,
+                        help="--method distill: the CLI's --distill-iters (the bench reports seconds per step)")
     parser.add_argument("--cache", default="/tmp/loraclr_bench_models", help="where models and LoRAs are built once")
     parser.add_argument("--max-memory", type=float, default=None, help="passed to the CLI's --max-memory (GiB)")
     parser.add_argument("--device", default="cpu", help="the CLI's --device (RSS then excludes GPU memory)")

@@ -48,7 +48,8 @@ def option_names(error: InputError, fields) -> InputError:
 def _add_merge_settings(parser: argparse.ArgumentParser):
     defaults = MergeSettings()
     parser.add_argument("--method", choices=METHODS, default=defaults.method,
-                        help="loraclr (contrastive, default), sum (plain stacking), svd (sum then SVD), lsq (Mix-of-Show)")
+                        help="loraclr (contrastive, default), sum (plain stacking), svd (sum then SVD), lsq (Mix-of-Show), "
+                             "distill (every layer fitted end to end to each concept's own LoRA; slower, keeps concepts best)")
     parser.add_argument("--solver", choices=SOLVERS, default=defaults.solver,
                         help="fast: closed form on Gram statistics (default); reference: the authors' AdamW loop")
     parser.add_argument("--margin", type=float, default=defaults.margin, help="contrastive margin (paper: 0.25-0.5)")
@@ -71,6 +72,17 @@ def _add_merge_settings(parser: argparse.ArgumentParser):
     parser.add_argument("--max-memory", type=float, default=None, metavar="GIB",
                         help="memory the merge may use beyond the model, in GiB (default: half the free memory, at "
                              "most 4); when the layers' statistics exceed it, features are captured in several passes")
+    parser.add_argument("--prompt-template", default=defaults.prompt_template,
+                        help="each concept's prompt, {} = its trigger words (default %(default)r)")
+    parser.add_argument("--distill-iters", type=int, default=defaults.distill_iters,
+                        help="distill: training steps (each: a batch through the text encoder and UNet, and back)")
+    parser.add_argument("--distill-lr", type=float, default=defaults.distill_lr, help="distill: Adam's learning rate")
+    parser.add_argument("--distill-batch", type=int, default=defaults.distill_batch,
+                        help="distill: trajectory points per step (the UNet runs on twice as many rows)")
+    parser.add_argument("--distill-trajectories", type=int, default=defaults.distill_trajectories,
+                        help="distill: images each concept's own LoRA samples for the teacher pool")
+    parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale,
+                        help="distill: classifier-free guidance of those teacher images")
     parser.add_argument("--no-report", action="store_true",
                         help="skip the quality report (it costs one more capture pass per stage)")
     parser.add_argument("--no-end-to-end", action="store_true",
@@ -83,6 +95,9 @@ def _settings_from(args) -> MergeSettings:
         lambda_mse=args.lambda_mse, lr=args.lr, iters=args.iters, rank=args.rank, energy=args.energy,
         max_rank=args.max_rank, capture_steps=args.capture_steps, capture_size=args.capture_size, seed=args.seed,
         report=not args.no_report, end_to_end=not args.no_end_to_end, max_memory_gb=args.max_memory,
+        prompt_template=args.prompt_template, distill_iters=args.distill_iters, distill_lr=args.distill_lr,
+        distill_batch=args.distill_batch, distill_trajectories=args.distill_trajectories,
+        guidance_scale=args.guidance_scale,
     )
     try:
         return MergeSettings(**values)

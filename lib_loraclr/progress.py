@@ -25,6 +25,8 @@ STAGE_SPAN = {
     "text_encoder": (0.03, 0.15),
     "cross_kv": (0.15, 0.2),
     "sampling": (0.2, 0.6),
+    "teacher": (0.03, 0.2),  # --method distill: the concepts' own trajectories
+    "distill": (0.2, 0.75),
     "unet": (0.6, 0.75),
     "report": (0.75, 0.95),
     "write": (0.95, 1.0),

@@ -150,6 +150,10 @@ def checked(cls=None, *, frozen: bool = False, what: str | None = None, unknown:
             pydantic_init(self, **given)
         except pydantic.ValidationError as error:
             raise InputError(what, _flatten(error.raw_errors)) from None
+        except InputError:
+            raise
+        except ValueError as error:  # a cross-field check of __post_init_post_parse__
+            raise InputError(what, [("", str(error))]) from None
 
     validated.__init__ = __init__
     validated._what = what

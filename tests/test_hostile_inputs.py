@@ -70,10 +70,17 @@ def cli(capsys, *args) -> tuple[int, str]:
     ({"margin": True}, "merge settings: margin: must be a number"),
     ({"lr": math.nan}, "merge settings: lr: must be a finite number"),
     ({"max_memory_gb": math.inf}, "merge settings: max_memory_gb: must be a finite number"),
-    ({"method": "magic"}, "merge settings: method: unexpected value; permitted: 'loraclr', 'lsq', 'sum', 'svd'"),
+    ({"method": "magic"}, "merge settings: method: unexpected value; permitted: 'loraclr', 'lsq', 'sum', 'svd', 'distill'"),
     ({"speed": 1}, "merge settings: speed: unknown merge setting (known: method, solver, margin, lambda_con, "
                    "lambda_mse, lambda_reg, lr, weight_decay, iters, refine_iters, rank, energy, max_rank, "
-                   "clamp_quantile, capture_steps, capture_size, seed, report, end_to_end, max_memory_gb)"),
+                   "clamp_quantile, capture_steps, capture_size, seed, report, end_to_end, max_memory_gb, "
+                   "prompt_template, distill_iters, distill_lr, distill_batch, distill_trajectories, guidance_scale)"),
+    ({"prompt_template": "photo of"}, "merge settings: prompt_template: must hold {} exactly once (where the trigger "
+                                      "goes) and no other braces"),
+    ({"prompt_template": 7}, "merge settings: prompt_template: str type expected"),
+    ({"distill_lr": math.inf}, "merge settings: distill_lr: must be a finite number"),
+    ({"distill_batch": 0}, "merge settings: distill_batch: ensure this value is greater than or equal to 1"),
+    ({"guidance_scale": 100}, "merge settings: guidance_scale: ensure this value is less than or equal to 30"),
 ])
 def test_merge_settings_refuse_bad_values_by_name(values, message):
     with pytest.raises(InputError) as error:
@@ -98,6 +105,9 @@ def test_merge_settings_keep_good_values_and_take_ints_for_floats():
     ({"settings": "fast"}, "merge request: settings: instance of MergeSettings, tuple or dict expected"),
     ({"colour": 1}, "merge request: colour: unknown merge request key (known: loras, triggers, output, weights, "
                     "settings, overwrite)"),
+    ({"settings": {"prompt_template": "a {} and {}"}}, "merge request: settings.prompt_template: must hold {} "
+                                                         "exactly once (where the trigger goes) and no other braces"),
+    ({"loras": ["a"] * 40, "triggers": ["t"] * 40}, "merge request: at most 32 LoRAs can be merged at once, got 40"),
 ])
 def test_merge_request_is_typed_before_anything_runs(payload, message):
     values = {"loras": ["a", "b"], "triggers": ["sks", "zqx"], "output": "out", **payload}
@@ -124,7 +134,7 @@ def test_merge_request_from_a_non_object_and_without_fields():
     ({"settings": {"refinement_iters": 1e9}}, "composition request: settings.refinement_iters: value is not a valid integer"),
     ({"settings": {"refinement_iters": 10**9}},
      "composition request: settings.refinement_iters: ensure this value is less than or equal to 100"),
-    ({"concepts": [{"lora": f"l{i}", "words": f"w{i}"} for i in range(5)]}, "at most 4 subjects, got 5"),
+    ({"concepts": [{"lora": f"l{i}", "words": f"w{i}"} for i in range(5)]}, "composition request: at most 4 subjects, got 5"),
 ])
 def test_composition_request_is_typed(payload, message):
     values = {"concepts": [{"lora": "cat", "words": "cat"}], **payload}

@@ -422,11 +422,11 @@ def test_trigger_rows_read_a1111_syntax_like_the_webuis_and_find_the_trigger_tok
     the EOS row follows the last prompt token. The answer is the tokenizer's own ids."""
     from types import SimpleNamespace
 
-    from lib_loraclr.merge.engine import PROMPT_TEMPLATE, MergeInputError, plain_trigger, trigger_rows
+    from lib_loraclr.merge.engine import MergeInputError, plain_trigger, trigger_rows
 
     words = plain_trigger(SimpleNamespace(trigger="miku (vocaloid)"))
     assert words == "miku vocaloid"
-    prompt = PROMPT_TEMPLATE.format(words)
+    prompt = MergeSettings().prompt_template.format(words)
     ids = model.tokenizer(prompt, add_special_tokens=False).input_ids
     trigger_ids = model.tokenizer(words, add_special_tokens=False).input_ids
     start = next(i for i in range(len(ids)) if ids[i:i + len(trigger_ids)] == trigger_ids)

@@ -107,11 +107,13 @@ def test_committed_model_and_loras_load():
 @assets
 def test_reduced_benchmark_run(tmp_path):
     prompts = [parse_prompt("a quib and a zorb"), parse_prompt("a zorb and a dax")]
-    results = run(counts=(2,), seeds=1, first_seed=5, prompts=prompts, methods=("stack", "loraclr", "clora", "masked"),
-                  steps=4, out=str(tmp_path), log=lambda m: None, clora_refine_iters=1, capture_steps=4)
+    results = run(counts=(2,), seeds=1, first_seed=5, prompts=prompts, methods=("stack", "loraclr", "distill", "clora", "masked"),
+                  steps=4, out=str(tmp_path), log=lambda m: None, clora_refine_iters=1, capture_steps=4,
+                  merge_settings={"distill_iters": 3, "distill_trajectories": 1})
     entry = results["by_count"]["2"]
-    for method in ("single", "stack", "loraclr"):
+    for method in ("single", "stack", "loraclr", "distill"):
         assert 0.0 <= entry[method]["single_prompts"]["fidelity"] <= 1.0
+    assert results["settings"]["merge_settings"] == {"distill_iters": 3, "distill_trajectories": 1}
     for method in ("clora", "masked"):
         assert entry[method]["pair_prompts"]["images"] == 1  # "a zorb and a dax" needs 3 concepts loaded
         assert 0.0 <= entry[method]["mask_iou"] <= 1.0 and len(entry[method]["mask_iou_by_step"]) == 4
@@ -124,7 +126,7 @@ def test_reduced_benchmark_run(tmp_path):
     for name in ("results.json", "table.txt", "plot.png", "grid.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["counts"] == [2]
-    assert set(METHODS) == {"stack", "svd", "lsq", "loraclr", "clora", "masked"}
+    assert set(METHODS) == {"stack", "svd", "lsq", "loraclr", "distill", "clora", "masked"}
 
 
 def test_mask_iou_compares_each_subject_mask_with_its_object():

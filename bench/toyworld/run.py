@@ -58,7 +58,8 @@ COMPOSITIONS = {
     "clora_masks_only": {"method": "clora", "use_latent_update": False},
     "clora_update_only": {"method": "clora", "use_masks": False},
 }
-METHODS = ("stack", "svd", "lsq", "loraclr", "clora", "masked")
+PROMPT_TEMPLATE = "a {}"  # the merges' concept prompts, in the world's caption style ("a quib")
+METHODS = ("stack", "svd", "lsq", "loraclr", "distill", "clora", "masked")
 ALL_METHODS = METHODS + tuple(m for m in COMPOSITIONS if m not in METHODS)
 MERGES = ("svd", "lsq", "loraclr")
 METRICS = ("recall", "fidelity", "exact", "bleeding", "alignment")
@@ -239,7 +240,7 @@ def plain_cost(model, jobs, steps) -> dict:
 def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), seeds: int = 2,
         methods=METHODS, steps: int = STEPS, out: str | None = None, log=print,
         clora_refine_iters: int = 4, capture_steps: int = 20, first_seed: int = 0,
-        prompts: list[dict] | None = None, style: Style | None = None) -> dict:
+        prompts: list[dict] | None = None, style: Style | None = None, merge_settings: dict | None = None) -> dict:
     started = time.time()
     model = load_base(base)
     needed = max(counts)
@@ -260,7 +261,7 @@ def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), 
     results = {"settings": {"counts": list(counts), "seeds": list(range(first_seed, first_seed + seeds)),
                             "methods": list(methods), "steps": steps,
                             "multi_concept_prompts": None if prompts is None else [p["prompt"] for p in prompts],
-                            "style": None if style is None else style.trigger,
+                            "style": None if style is None else style.trigger, "merge_settings": merge_settings or {},
                             "guidance": GUIDANCE, "clora_refinement_iters": clora_refine_iters, "base": base, "concepts": [c.__dict__ for c in CONCEPTS[:needed]]},
                "by_count": {}}
     with tempfile.TemporaryDirectory() as scratch:
@@ -296,7 +297,9 @@ def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), 
                         path = os.path.join(scratch, f"{method}_{count}.safetensors")
                         summary = merge_to_file(
                             model, [MergeConcept(lora_files[k], CONCEPTS[k].trigger) for k in loaded],
-                            MergeSettings(method=method, capture_size=SIZE, capture_steps=capture_steps), path, overwrite=True)
+                            MergeSettings(method=method, capture_size=SIZE, capture_steps=capture_steps,
+                                          prompt_template=PROMPT_TEMPLATE, guidance_scale=GUIDANCE,
+                                          **(merge_settings or {})), path, overwrite=True)
                         info["merge_seconds"] = round(summary["seconds"]["total"], 1)
                         info["ranks"] = sorted(set(summary["ranks"].values()))
                         info["report"] = report_means(summary, method)
@@ -442,8 +445,15 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clora-refine-iters", type=int, default=4,
                         help="CLoRA refinement iterations at its refinement steps (paper: 20; 4 keeps CPU time sane)")
+    parser.add_argument("--merge-setting", action="append", default=[], metavar="NAME=JSON",
+                        help="a merge setting for every merge method, e.g. distill_iters=600 (repeatable)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    try:
+        merge_settings = {name: json.loads(value) for name, value in (s.split("=", 1) for s in args.merge_setting)}
+        MergeSettings(**merge_settings)
+    except (ValueError, TypeError) as error:
+        parser.error(f"--merge-setting: {error}")
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(ALL_METHODS)
     if unknown:
@@ -460,7 +470,8 @@ def main(argv=None):
     results = run(args.base, args.loras, counts, args.seeds, methods, args.steps, args.out,
                   log=lambda m: print(m, flush=True), clora_refine_iters=args.clora_refine_iters,
                   first_seed=args.first_seed, prompts=prompts,
-                  style=next((s for s in STYLES if s.trigger.split()[0] == args.style), None))
+                  style=next((s for s in STYLES if s.trigger.split()[0] == args.style), None),
+                  merge_settings=merge_settings)
     print(results["table"])
     print(f"wrote {args.out}/results.json, table.txt, plot.png, grid.png ({results['seconds']:.0f}s)")
 

@@ -38,18 +38,19 @@ from .memory import (
     GIB,
     InputCost,
     activation_bytes,
+    backward_bytes,
     budget_bytes,
     concept_batches,
     exact_bytes,
     plan_passes,
     stream_costs,
 )
+from .distill import MixedDeltas, distill, teacher_pool
 from .end_to_end import end_to_end
 from .objective import MergeSettings
 from .report import ReportCollector, quality
 from .solvers import solve_fast, solve_lsq, solve_reference, solve_sum
 
-PROMPT_TEMPLATE = "photo of a {}"
 WORKING_MARGIN = 3 * GIB // 4  # measured: a 12-LoRA SD1.5 merge holds ~0.9 GiB beyond its statistics and files
 STAGES = ("text_encoder", "cross_kv", "unet")
 
@@ -74,6 +75,7 @@ class MergeResult:
     batches: dict[str, int] = field(default_factory=dict)  # concept batches per capture pass
     budget_bytes: int = 0
     peak_stats_bytes: int = 0  # the most the statistics held at once
+    distill: dict | None = None  # --method distill: the pool's size and the training loss
 
 
 def stage_of_target(target: str) -> str:
@@ -205,6 +207,8 @@ class LoraclrMerge:
             if not targets:
                 continue
             started = time.perf_counter()
+            if self.settings.method == "distill":
+                break
             if self.settings.method in ("sum", "svd"):
                 for index, (target, module) in enumerate(targets.items()):
                     self.progress.update(stage, index, len(targets), target, f"stacking {target}")
@@ -212,8 +216,37 @@ class LoraclrMerge:
             else:
                 self._solve_stage(stage, targets, writer)
             self.result.seconds[stage] = time.perf_counter() - started
+        if self.settings.method == "distill":
+            self._distill(writer)
         self.result.peak_stats_bytes = self._stats_bytes
         return self.result
+
+    def _distill(self, writer: KohyaWriter):
+        """Every layer at once, end to end (``distill.py``): the teacher pool, the training, the layers written."""
+        settings = self.settings
+        started = time.perf_counter()
+        pool = teacher_pool(
+            self.model, [c.lora for c in self.concepts], [c.weight for c in self.concepts], self.prompts(),
+            size=self.capture_size(), steps=settings.capture_steps, trajectories=settings.distill_trajectories,
+            guidance_scale=settings.guidance_scale, seed=settings.seed, progress=self.progress)
+        self.result.seconds["teacher"] = time.perf_counter() - started
+        started = time.perf_counter()
+        student = MixedDeltas(self.targets, {t: self.factors(t) for t in self.targets})
+        self._stats_bytes = pool.nbytes() + 3 * student.nbytes()  # the pool, the mixes and Adam's two moments
+        # one draw is a cond and an uncond row; as many draws per forward as their backward fits in the budget
+        per_draw = 2 * backward_bytes(self.targets_of("unet"), self._row_counts("unet")[0])
+        room = self.budget - self._stats_bytes - WORKING_MARGIN
+        draws = max(1, min(settings.distill_batch, room // max(per_draw, 1)))
+        history = distill(self.model, student, pool, self.prompts(), iterations=settings.distill_iters,
+                          lr=settings.distill_lr, batch=settings.distill_batch, draws_per_forward=draws,
+                          seed=settings.seed, progress=self.progress)
+        self.result.seconds["distill"] = time.perf_counter() - started
+        self.result.distill = {"pool_samples": len(pool), "steps": len(history), "draws_per_forward": draws,
+                               "backward_bytes_per_draw": per_draw, "loss_first": history[0],
+                               "loss_last": history[-1], "loss_min": min(history)}
+        for index, (target, module) in enumerate(self.targets.items()):
+            self.progress.update("write", index, len(self.targets), target, f"factoring {target}")
+            self._hand_over(target, module, student.delta(target), {"solver": "distill"}, writer)
 
     def _hand_over(self, target, module, delta: LowRank, info: dict, writer: KohyaWriter):
         if stage_of_target(target) != "unet":
@@ -388,7 +421,7 @@ class LoraclrMerge:
     # --- capture stages -------------------------------------------------------------------
 
     def prompts(self) -> list[str]:
-        return [PROMPT_TEMPLATE.format(plain_trigger(c)) for c in self.concepts]
+        return [self.settings.prompt_template.format(plain_trigger(c)) for c in self.concepts]
 
     def capture_size(self) -> int:
         if self.settings.capture_size is not None:
@@ -409,7 +442,7 @@ class LoraclrMerge:
         loras = [only_targets(c.lora, lambda t: stage_of_target(t) == "text_encoder") for c in self.concepts]
         prompts = []
         for concept in self.concepts:
-            prompts += [PROMPT_TEMPLATE.format(plain_trigger(concept)), plain_trigger(concept)]
+            prompts += [self.settings.prompt_template.format(plain_trigger(concept)), plain_trigger(concept)]
         self.progress.update(stage, 0, 1, message=f"encoding concept prompts ({label})")
         with LoraRuntime(self.model.targets(), loras, [c.weight for c in self.concepts]) as runtime, hooks.attached():
             runtime.set_rows([frozenset([i]) for i in range(self.n)])
@@ -418,7 +451,7 @@ class LoraclrMerge:
 
     def _cross_kv_rows(self) -> torch.Tensor:
         """(N, R, C) merged text-encoder states at each concept's trigger tokens + EOS, cycled to one R."""
-        prompt_sets = [[PROMPT_TEMPLATE.format(plain_trigger(c)), plain_trigger(c)] for c in self.concepts]
+        prompt_sets = [[prompt, plain_trigger(c)] for prompt, c in zip(self.prompts(), self.concepts)]
         blocks = []
         with torch.no_grad(), self._merged_applied():
             for concept, prompts in zip(self.concepts, prompt_sets):

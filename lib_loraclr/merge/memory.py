@@ -24,6 +24,9 @@ FLOAT = 4  # bytes of the fp32 statistics
 # output per batch row at its peak (skip connections, GEGLU halves, the hooks' row views).
 # Measured on full-width SD1.5 at 512 px, batch 12: about 4.5 (see README, Memory).
 ACTIVATION_COPIES = 5
+# Autograd keeps about this many fp32 copies of *every* hooked layer's input and output per
+# batch row for the backward (``--method distill``). Measured on full-width SD1.5 (see README, Memory).
+BACKWARD_COPIES = 2
 
 
 def available_bytes(device: torch.device) -> int:
@@ -67,6 +70,12 @@ def activation_bytes(targets: dict[str, torch.nn.Module], rows_per_forward: dict
          for t, m in targets.items()),
         default=0,
     )
+
+
+def backward_bytes(targets: dict[str, torch.nn.Module], rows_per_forward: dict[str, int]) -> int:
+    """Estimated activations one batch row's forward keeps for its backward: every layer's, not the widest."""
+    return sum(BACKWARD_COPIES * FLOAT * rows_per_forward.get(t, 0) * (m.weight[0].numel() + m.weight.shape[0])
+               for t, m in targets.items())
 
 
 def concept_batches(n_concepts: int, per_concept: int, budget: int) -> list[range]:

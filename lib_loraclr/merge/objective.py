@@ -24,11 +24,11 @@ from typing import Literal, Optional
 import torch
 
 from ..lora.lowrank import LowRank
-from ..validation import Seed, StrictBool, checked, integer, real
+from ..validation import Seed, StrictBool, checked, integer, real, text
 from .stats import LayerStats
 
 DISTANCE_SQ_FLOOR = 1e-12  # the reference's clamp before sqrt
-METHODS = ("loraclr", "lsq", "sum", "svd")
+METHODS = ("loraclr", "lsq", "sum", "svd", "distill")
 SOLVERS = ("fast", "reference")
 
 
@@ -38,6 +38,21 @@ Iterations = integer(ge=1, le=10_000)
 Rank = integer(ge=1, le=1024)
 
 
+class PromptTemplate(text(min_length=2, max_length=200)):
+    """Each concept's prompt, ``{}`` where its trigger goes: exactly one slot, since ``str.format`` fills it."""
+
+    @classmethod
+    def __get_validators__(cls):
+        yield from super().__get_validators__()
+        yield cls._one_slot
+
+    @classmethod
+    def _one_slot(cls, value: str):
+        if value.count("{}") != 1 or any(brace in value.replace("{}", "") for brace in "{}"):
+            raise ValueError("must hold {} exactly once (where the trigger goes) and no other braces")
+        return value
+
+
 @checked(what="merge settings", unknown="merge setting")
 class MergeSettings:
     """Every knob of a merge, with the LoRACLR paper/code defaults; CLI, tab and API share these names.
@@ -45,7 +60,7 @@ class MergeSettings:
     The annotations are the one check of each value (``validation.checked``).
     """
 
-    method: Literal[METHODS] = "loraclr"  # loraclr | lsq (Mix-of-Show) | sum | svd
+    method: Literal[METHODS] = "loraclr"  # loraclr | lsq (Mix-of-Show) | sum | svd | distill (end to end, ours)
     solver: Literal[SOLVERS] = "fast"  # fast (closed form on statistics) | reference (authors' AdamW loop)
     margin: real(ge=0, le=100) = 0.5
     lambda_con: Weight = 1.0
@@ -65,6 +80,14 @@ class MergeSettings:
     report: StrictBool = True  # measure the quality report (a second, streaming capture pass)
     end_to_end: StrictBool = True  # measure the end-to-end figure (3 UNet passes of a batch of 4 per concept)
     max_memory_gb: Optional[real(gt=0, le=1e4)] = None  # budget of the merge's statistics; None = from the machine or GPU
+    prompt_template: PromptTemplate = "photo of a {}"  # each concept's prompt; {} = its trigger
+    # --method distill only: Adam steps, learning rate of the mixes, draws per step, trajectories per concept,
+    # and the guidance of the concepts' own sampling that the pool records
+    distill_iters: integer(ge=1, le=100_000) = 600
+    distill_lr: real(gt=0, le=1) = 1e-2
+    distill_batch: integer(ge=1, le=64) = 4
+    distill_trajectories: integer(ge=1, le=64) = 4
+    guidance_scale: real(ge=1, le=30) = 5.0
 
     def to_dict(self) -> dict:
         return asdict(self)

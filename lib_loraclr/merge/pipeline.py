@@ -64,7 +64,7 @@ def merge_to_file(
     started = time.perf_counter()
     progress.update("load", 1, 1, message=f"merging {len(concepts)} LoRAs with {settings.method}")
     merge = LoraclrMerge(model, concepts, settings, progress)
-    lossless = settings.method == "sum"
+    lossless = settings.method in ("sum", "distill")  # both are exact at the sum of the ranks
     writer = KohyaWriter(
         model.arch,
         rank=settings.rank,
@@ -110,6 +110,7 @@ def merge_to_file(
         "seconds": {**result.seconds, "write": time.perf_counter() - write_started, "total": time.perf_counter() - started},
         "memory": {"budget_bytes": result.budget_bytes, "passes": result.passes, "batches": result.batches,
                    "peak_statistics_bytes": result.peak_stats_bytes},
+        "distill": result.distill,
         "quality": reports,
         "end_to_end": end_to_end_figures,
         "settings": settings.to_dict(),

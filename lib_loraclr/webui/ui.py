@@ -41,6 +41,12 @@ MERGE_FIELDS = (
     ("max_rank", "Maximum rank", "int"),
     ("clamp_quantile", "Clamp quantile (0 = off)", "number"),
     ("seed", "Seed", "int"),
+    ("prompt_template", "Concept prompt ({} = trigger words)", "text"),
+    ("distill_iters", "Training steps (distill)", "int"),
+    ("distill_lr", "Learning rate (distill)", "number"),
+    ("distill_batch", "Batch per step (distill)", "int"),
+    ("distill_trajectories", "Teacher images per concept (distill)", "int"),
+    ("guidance_scale", "Guidance of the teacher images (distill)", "number"),
     ("max_memory_gb", "Memory budget in GiB (0 = automatic)", "number"),
     ("report", "Measure the quality report (one more capture pass)", "bool"),
     ("end_to_end", "Measure the end-to-end figure (3 UNet passes per concept)", "bool"),
@@ -104,7 +110,7 @@ def merge_request_from_ui(rows, method, output, rank, overwrite, advanced: dict)
     kinds = {name: kind for name, _label, kind in MERGE_FIELDS}
     settings = {"method": method, "rank": _gradio_number(rank, "int") or None}
     for name, value in advanced.items():
-        value = _gradio_number(value, kinds[name])
+        value = value if kinds[name] == "text" else _gradio_number(value, kinds[name])
         settings[name] = (value or None) if name in OPTIONAL_NUMBERS else value
     return MergeRequest(
         loras=[str(row[0]) for row in rows],
@@ -199,6 +205,8 @@ def build_merge_tab(service: MergeService, *, method: str = "loraclr", show_all_
                         advanced[name] = gr.Radio(label=label, choices=list(SOLVERS), value=value)
                     elif kind == "bool":
                         advanced[name] = gr.Checkbox(label=label, value=value)
+                    elif kind == "text":
+                        advanced[name] = gr.Textbox(label=label, value=value)
                     else:
                         advanced[name] = gr.Number(
                             label=label, value=value or 0, precision=0 if kind == "int" else None

@@ -1,0 +1,196 @@
+"""``--method distill``: every layer's merged delta fitted at once, end to end, to what each
+concept's own LoRA predicts on its own prompt.
+
+Why: a per-layer fit (``loraclr``, ``lsq``) can only compromise where the concepts' layer
+inputs overlap (the spatial UNet layers), and its errors compound through the network; the
+end-to-end figure showed such merges further from the concepts than the base model. Here:
+
+1. teacher: concept i's prompt sampled with its own LoRA (text encoder and UNet, guided as a
+   user would), recording on the way the model input, the timestep and the noise its LoRA
+   predicts for the prompt and for the empty prompt (``TeacherPool``);
+2. student: the model with ``MixedDeltas`` hooked on, its text encoder included, trained by
+   Adam to predict the same noises on random draws from the pool.
+
+Each layer's merged delta stays in the span of the concepts' own factors,
+dW = U M D with U = [U_1 .. U_N] (D_out, K), D = [D_1; ..; D_N] (K, D_in) and a trained
+(K, K) mix M that starts at the identity (plain stacking). So the solve cannot put weight in
+directions no LoRA uses, the file is exact at rank K = sum of the ranks, and the trained
+state is sum over layers of K^2 numbers, whatever the layers' widths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..frozen_grad import GradThroughFrozen
+from ..lora.base import LoraFile
+from ..lora.lowrank import LowRank
+from ..model import Conditioning, ModelAccess
+from ..progress import Progress
+from ..runtime import LoraRuntime
+from ..sampling import initial_noise, sample_steps, sigmas_for, trailing_timesteps
+
+
+@dataclass
+class TeacherPool:
+    """Points on the concepts' own sampling trajectories, on the CPU: S = concepts x trajectories x steps."""
+
+    inputs: torch.Tensor  # (S, C, h, w) the UNet's input there (x / sqrt(1 + sigma^2))
+    timesteps: torch.Tensor  # (S,)
+    concepts: torch.Tensor  # (S,) which concept's trajectory
+    eps_cond: torch.Tensor  # (S, C, h, w) the concept's own LoRA's noise on its prompt
+    eps_uncond: torch.Tensor  # (S, C, h, w) ... and on the empty prompt
+
+    def __len__(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.inputs, self.eps_cond, self.eps_uncond))
+
+
+@torch.no_grad()
+def teacher_pool(
+    model: ModelAccess, loras: list[LoraFile], weights: list[float], prompts: list[str], *,
+    size: int, steps: int, trajectories: int, guidance_scale: float, seed: int, progress: Progress,
+) -> TeacherPool:
+    """Sample each concept ``trajectories`` times with its own LoRA (classifier-free guided)."""
+    timesteps = trailing_timesteps(len(model.alphas_cumprod), steps)
+    sigmas = sigmas_for(model.alphas_cumprod, timesteps).tolist()
+    latent = size // model.vae_scale_factor
+    noise = initial_noise((len(loras) * trajectories, model.latent_channels, latent, latent), seed)
+    parts: dict[str, list[torch.Tensor]] = {"inputs": [], "timesteps": [], "concepts": [], "eps_cond": [], "eps_uncond": []}
+    for i, (lora, weight, prompt) in enumerate(zip(loras, weights, prompts)):
+        with LoraRuntime(model.targets(), [lora], [weight]):
+            cond = Conditioning.cat([model.encode([""] * trajectories), model.encode([prompt] * trajectories)])
+
+            def step(k, x, sigma, timestep, i=i, cond=cond):
+                progress.update("teacher", i * steps + k, len(loras) * steps,
+                                message=f"teacher: concept {i + 1}/{len(loras)} with its own LoRA, step {k + 1}/{steps}")
+                model_input = (x / (1.0 + sigma**2) ** 0.5).to(model.dtype)
+                t = torch.full((2 * trajectories,), timestep, dtype=torch.long, device=x.device)
+                eps_uncond, eps_cond = model.unet_eps(torch.cat([model_input, model_input]), t, cond).float().chunk(2)
+                parts["inputs"].append(model_input.float().cpu())
+                parts["eps_cond"].append(eps_cond.cpu())
+                parts["eps_uncond"].append(eps_uncond.cpu())
+                parts["timesteps"].append(t[:trajectories].cpu())
+                parts["concepts"].append(torch.full((trajectories,), i, dtype=torch.long))
+                return x, x - sigma * (eps_uncond + guidance_scale * (eps_cond - eps_uncond))
+
+            rows = noise[i * trajectories:(i + 1) * trajectories].to(model.device)
+            sample_steps(rows * (1.0 + sigmas[0] ** 2) ** 0.5, sigmas, timesteps, step)
+    return TeacherPool(**{key: torch.cat(value) for key, value in parts.items()})
+
+
+@dataclass
+class _MixedLayer:
+    module: nn.Module
+    up: torch.Tensor  # (D_out, K) [U_1 .. U_N]
+    down: torch.Tensor  # (K, D_in) [D_1; ..; D_N], D_in = in * kh * kw for convs
+    mix: torch.Tensor = field(init=False)  # (K, K), trained
+
+    def __post_init__(self):
+        self.mix = torch.eye(self.down.shape[0], dtype=torch.float32, device=self.down.device, requires_grad=True)
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """U M D x in the layer's compute dtype: (..., D_out) linear, (B, D_out, H', W') conv."""
+        up_mix = (self.up @ self.mix).to(x.dtype)
+        if isinstance(self.module, nn.Conv2d):
+            kernel = self.down.reshape(self.down.shape[0], *self.module.weight.shape[1:]).to(x.dtype)
+            return F.conv2d(nn.Conv2d._conv_forward(self.module, x, kernel, None), up_mix[:, :, None, None])
+        return F.linear(F.linear(x, self.down.to(x.dtype)), up_mix)
+
+
+class MixedDeltas:
+    """The student: each target's merged delta U M D, hooked onto the model only inside ``attached()``."""
+
+    def __init__(self, targets: dict[str, nn.Module], factors: dict[str, list[LowRank | None]]):
+        self.layers = {}
+        for target, module in targets.items():
+            stacked = LowRank.cat([f for f in factors[target] if f is not None])
+            self.layers[target] = _MixedLayer(module, stacked.up, stacked.down)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [layer.mix for layer in self.layers.values()]
+
+    def nbytes(self) -> int:
+        return sum(4 * layer.mix.numel() for layer in self.layers.values())
+
+    def delta(self, target: str) -> LowRank:
+        layer = self.layers[target]
+        return LowRank(layer.up, layer.mix.detach() @ layer.down)
+
+    @contextlib.contextmanager
+    def attached(self):
+        handles = []
+        try:
+            for layer in self.layers.values():
+                handles.append(layer.module.register_forward_hook(self._hook(layer), with_kwargs=True))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @staticmethod
+    def _hook(layer: _MixedLayer):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["input"]
+            return output + layer.output(x).to(output.dtype)
+        return hook
+
+
+class DistillError(ValueError):
+    """The training diverged (a non-finite loss): the message says at which step."""
+
+
+def distill(
+    model: ModelAccess, student: MixedDeltas, pool: TeacherPool, prompts: list[str], *,
+    iterations: int, lr: float, batch: int, draws_per_forward: int, seed: int, progress: Progress,
+) -> list[float]:
+    """Train the student's mixes on the pool; returns the loss per iteration.
+
+    Loss: mean squared error of the noise on the concept's prompt plus on the empty prompt,
+    each draw at its trajectory's model input and timestep. A step's ``batch`` draws run in
+    forwards of ``draws_per_forward`` (the memory plan's), their gradients summed, so what
+    autograd keeps is bounded by the plan, not by the batch.
+    """
+    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    batch = min(batch, len(pool))
+    history = []
+    parameters = student.parameters()
+    # gradients for the mixes only (never the model's weights), even when the caller runs under no_grad
+    with torch.inference_mode(False), torch.enable_grad(), student.attached(), GradThroughFrozen():
+        for iteration in range(iterations):
+            picks = torch.randint(len(pool), (batch,), generator=generator).split(max(1, draws_per_forward))
+            grads = [torch.zeros_like(p) for p in parameters]
+            value = 0.0
+            for pick in picks:
+                loss = _loss(model, pool, prompts, pick) * (len(pick) / batch)
+                value += float(loss.detach())
+                if not math.isfinite(value):
+                    raise DistillError(f"distillation diverged at step {iteration + 1} (loss {value}): lower --distill-lr")
+                for total, grad in zip(grads, torch.autograd.grad(loss, parameters)):
+                    total += grad
+            for parameter, grad in zip(parameters, grads):
+                parameter.grad = grad
+            optimizer.step()
+            history.append(value)
+            progress.update("distill", iteration + 1, iterations,
+                            message=f"distilling every layer end to end: step {iteration + 1}/{iterations}, loss {value:.4g}")
+    return history
+
+
+def _loss(model: ModelAccess, pool: TeacherPool, prompts: list[str], pick: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the student's noises (cond, uncond) at the picked pool points: one forward of 2 x draws rows."""
+    inputs = pool.inputs[pick].to(model.device, model.dtype)
+    timesteps = pool.timesteps[pick].to(model.device)
+    cond = model.encode([prompts[int(c)] for c in pool.concepts[pick]] + [""] * len(pick))
+    eps_cond, eps_uncond = model.unet_eps(torch.cat([inputs, inputs]), timesteps.repeat(2), cond).float().chunk(2)
+    return (F.mse_loss(eps_cond, pool.eps_cond[pick].to(eps_cond.device))
+            + F.mse_loss(eps_uncond, pool.eps_uncond[pick].to(eps_uncond.device)))

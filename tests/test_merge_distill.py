@@ -1,0 +1,150 @@
+"""``--method distill``: the student's layer maths, the training against a known optimum, hygiene, refusals."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lib_loraclr.cli import main
+from lib_loraclr.demo import concept_deltas
+from lib_loraclr.lora.lowrank import LowRank
+from lib_loraclr.lora.writer import write_kohya_lora, write_sidecar
+from lib_loraclr.merge.distill import DistillError, MixedDeltas, TeacherPool, distill
+from lib_loraclr.merge.objective import MergeSettings
+from lib_loraclr.merge.pipeline import load_concepts, merge_to_file
+from lib_loraclr.progress import Progress
+from lib_loraclr.validation import InputError
+
+SIZE = 64
+
+
+def no_hooks(model: nn.Module) -> bool:
+    return all(not m._forward_hooks and not m._forward_hooks_with_kwargs for m in model.modules())
+
+
+def random_factors(d_out, d_in, rank, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return LowRank(torch.randn(d_out, rank, generator=generator), torch.randn(rank, d_in, generator=generator) * 0.1)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_student_starts_as_stacking_and_applies_its_mix(kind):
+    """At M = I the hooked layer adds sum_i U_i D_i x; with any M it adds U M D x. The known answer
+    is the dense delta applied by the layer's own op (F.linear / F.conv2d with its stride and padding)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 6) if kind == "linear" else nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    d_in = layer.weight[0].numel()
+    factors = [random_factors(6, d_in, 2, 1), None, random_factors(6, d_in, 3, 2)]
+    student = MixedDeltas({"unet.layer": layer}, {"unet.layer": factors})
+    x = torch.randn(2, 5, 8) if kind == "linear" else torch.randn(2, 4, 9, 9)
+
+    def with_delta(delta):
+        weight = layer.weight + delta.reshape(layer.weight.shape)
+        if kind == "linear":
+            return F.linear(x, weight, layer.bias)
+        return F.conv2d(x, weight, layer.bias, stride=2, padding=1)
+
+    stacked = factors[0].dense() + factors[2].dense()
+    with torch.no_grad(), student.attached():
+        assert torch.allclose(layer(x), with_delta(stacked), atol=1e-5)
+        mix = torch.randn(5, 5, generator=torch.Generator().manual_seed(3))
+        student.layers["unet.layer"].mix.copy_(mix)
+        up = torch.cat([factors[0].up, factors[2].up], dim=1)
+        down = torch.cat([factors[0].down, factors[2].down])
+        assert torch.allclose(layer(x), with_delta(up @ mix @ down), atol=1e-4)
+        assert torch.allclose(student.delta("unet.layer").dense(), up @ mix @ down, atol=1e-5)
+    assert no_hooks(layer)
+
+
+@pytest.fixture(scope="module")
+def twin_loras(tiny_sd1, tmp_path_factory):
+    """The same LoRA under two triggers: each teacher is that LoRA, so the best merge is the LoRA
+    itself (stacking doubles it). A known optimum the training must find."""
+    folder = tmp_path_factory.mktemp("twins")
+    deltas = concept_deltas(tiny_sd1, 1)
+    paths = []
+    for name, trigger in (("first", "zqx fox"), ("second", "vbk robot")):
+        path = str(folder / f"{name}.safetensors")
+        write_kohya_lora(path, deltas, tiny_sd1.arch, rank=4)
+        write_sidecar(path, trigger)
+        paths.append(path)
+    return paths
+
+
+def test_distill_finds_the_known_optimum_and_leaves_the_model_alone(tiny_sd1, twin_loras, tmp_path):
+    paths = twin_loras
+    probe = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(5))
+    cond = tiny_sd1.encode(["a photo of a cat"])
+    with torch.no_grad():
+        before = tiny_sd1.unet_eps(probe, torch.tensor([400]), cond)
+    out = str(tmp_path / "distilled.safetensors")
+    settings = MergeSettings(method="distill", capture_size=SIZE, capture_steps=4, distill_iters=150,
+                             distill_trajectories=2, report=False)
+    summary = merge_to_file(tiny_sd1, load_concepts(paths, None), settings, out)
+
+    # end to end on fresh latents at another resolution: as close as the concept's own LoRA; stacking is not
+    for name, kept in summary["end_to_end"]["merged"].items():
+        assert kept > 0.8, (name, kept)
+        assert summary["end_to_end"]["stacked"][name] < 0.5
+    assert summary["distill"]["loss_last"] < summary["distill"]["loss_first"]
+    assert max(summary["ranks"].values()) <= 8, "exact within the sum of the ranks"
+
+    assert no_hooks(tiny_sd1.unet) and no_hooks(tiny_sd1.text_encoder)
+    with torch.no_grad():
+        assert torch.equal(tiny_sd1.unet_eps(probe, torch.tensor([400]), cond), before)
+
+
+def test_divergence_is_one_clear_error_and_removes_the_hooks(tiny_sd1):
+    layer_name, module = next(iter(tiny_sd1.targets().items()))
+    d_in = module.weight[0].numel()
+    student = MixedDeltas({layer_name: module}, {layer_name: [random_factors(module.weight.shape[0], d_in, 2, 1)]})
+    latent = torch.zeros(2, 4, SIZE // 8, SIZE // 8)
+    bad = latent.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    pool = TeacherPool(latent, torch.tensor([500, 300]), torch.tensor([0, 0]), bad, latent.clone())
+    with pytest.raises(DistillError, match="diverged at step 1"):
+        distill(tiny_sd1, student, pool, ["a photo of a zqx"], iterations=3, lr=1e-2, batch=2, draws_per_forward=2, seed=0,
+                progress=Progress())
+    assert no_hooks(tiny_sd1.unet) and no_hooks(tiny_sd1.text_encoder)
+
+
+def test_forwards_of_fewer_draws_train_exactly_as_the_whole_batch(tiny_sd1):
+    """The memory plan only splits a step's draws into forwards: the summed gradient is the batch's
+    gradient, so the losses and the trained mixes match one forward of the whole batch."""
+    chosen = dict(list(tiny_sd1.targets().items())[-3:])
+    factors = {t: [random_factors(m.weight.shape[0], m.weight[0].numel(), 2, i)] for i, (t, m) in enumerate(chosen.items())}
+    generator = torch.Generator().manual_seed(1)
+    shape = (6, 4, SIZE // 8, SIZE // 8)
+    pool = TeacherPool(torch.randn(shape, generator=generator), torch.tensor([900, 700, 500, 300, 200, 100]),
+                       torch.tensor([0, 0, 0, 1, 1, 1]), torch.randn(shape, generator=generator),
+                       torch.randn(shape, generator=generator))
+    results = []
+    for draws in (4, 1, 3):
+        student = MixedDeltas(chosen, factors)
+        history = distill(tiny_sd1, student, pool, ["a zqx", "a vbk"], iterations=3, lr=5e-2, batch=4,
+                          draws_per_forward=draws, seed=0, progress=Progress())
+        results.append((history, [m.detach().clone() for m in student.parameters()]))
+    (whole, whole_mixes), *split = results
+    assert whole[-1] != whole[0], "the mixes trained"
+    for history, mixes in split:
+        assert history == pytest.approx(whole, rel=1e-4)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(mixes, whole_mixes))
+
+
+@pytest.mark.parametrize("template", ["photo of a", "{} and {}", "a {0}", "{}}"])
+def test_prompt_template_needs_exactly_one_slot(template):
+    with pytest.raises(InputError, match="prompt_template"):
+        MergeSettings(prompt_template=template)
+
+
+@pytest.mark.parametrize("option,value", [("--distill-iters", "0"), ("--distill-lr", "nan"),
+                                          ("--distill-batch", "65"), ("--guidance-scale", "0.5"),
+                                          ("--prompt-template", "photo of a")])
+def test_cli_refuses_bad_distill_options_in_one_line(twin_loras, tiny_sd1_folder, tmp_path, capsys, option, value):
+    paths = twin_loras
+    out = tmp_path / "never.safetensors"
+    code = main(["merge", "--base", tiny_sd1_folder, "--lora", paths[0], "--lora", paths[1], "--method", "distill",
+                 option, value, "--out", str(out)])
+    error = capsys.readouterr().err.strip()
+    assert code != 0 and option in error and len(error.splitlines()) == 1, error
+    assert not out.exists()
