@@ -161,6 +161,12 @@ def cmd_merge(args) -> int:
     batches = {stage: n for stage, n in summary["memory"]["batches"].items() if n > 1}
     if batches:
         print(f"concepts sampled in several batches per pass to stay within the memory budget: {batches}")
+    distill = summary["distill"]
+    if distill:
+        capture = distill["capture_size"]
+        smaller = f", not {capture} px: raise --max-memory to train at {capture} px" if distill["size"] < capture else ""
+        print(f"distill: teacher and training at {distill['size']} px{smaller}; {distill['steps']} steps, "
+              f"loss {distill['loss_first']:.4g} -> {distill['loss_last']:.4g} (lowest {distill['loss_min']:.4g})")
     print(f"wrote {summary['output']} ({summary['layers']} layers, method {summary['method']})")
     return 0
 

@@ -71,7 +71,7 @@ def run_demo(out_dir: str = "loraclr_demo", device: str = "cpu") -> dict:
     print("concept LoRAs:  " + ", ".join(f"{os.path.basename(p)} ({c.trigger!r})" for p, c in zip(lora_paths, concepts)))
 
     summaries = {}
-    for method in ("sum", "svd", "lsq", "loraclr"):
+    for method in ("sum", "svd", "lsq", "loraclr", "distill"):
         settings = MergeSettings(method=method, capture_size=CAPTURE_SIZE)
         out_path = os.path.join(folder, f"merged_{method}.safetensors")
         summaries[method] = merge_to_file(model, concepts, settings, out_path,

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from lib_loraclr.cli import main
-from lib_loraclr.demo import DEMO_CONCEPTS, run_demo
+from lib_loraclr.demo import DEMO_CONCEPTS, fresh_folder, run_demo
 from lib_loraclr.lora.reader import read_lora
 from lib_loraclr.lora.writer import write_kohya_lora
 from lib_loraclr.tiny import save_tiny_model
@@ -57,7 +57,7 @@ def test_every_command_has_help(capsys):
 def test_demo_writes_every_method(tmp_path, capsys):
     out = str(tmp_path / "demo")
     summaries = run_demo(out)
-    assert set(summaries) == {"sum", "svd", "lsq", "loraclr"}
+    assert set(summaries) == {"sum", "svd", "lsq", "loraclr", "distill"}
     files = os.listdir(out)
     for method in summaries:
         assert f"merged_{method}.safetensors" in files
@@ -66,6 +66,6 @@ def test_demo_writes_every_method(tmp_path, capsys):
         assert f"{name}.safetensors" in files and f"{name}.json" in files
     printed = capsys.readouterr().out
     assert "retention" in printed and "loraclr" in printed
-    run_demo(out)
-    assert os.path.isdir(out + "-2"), "a second demo run keeps the first one's files"
-    assert len(os.listdir(out)) == len(files)
+    # a second run (run_demo's first step) gets a new folder and keeps the first one's files
+    assert fresh_folder(out) == out + "-2" and os.path.isdir(out + "-2")
+    assert sorted(os.listdir(out)) == sorted(files)

@@ -10,6 +10,7 @@ from lib_loraclr.demo import concept_deltas
 from lib_loraclr.lora.lowrank import LowRank
 from lib_loraclr.lora.writer import write_kohya_lora, write_sidecar
 from lib_loraclr.merge.distill import DistillError, MixedDeltas, TeacherPool, distill
+from lib_loraclr.merge.memory import distill_size
 from lib_loraclr.merge.objective import MergeSettings
 from lib_loraclr.merge.pipeline import load_concepts, merge_to_file
 from lib_loraclr.progress import Progress
@@ -148,3 +149,36 @@ def test_cli_refuses_bad_distill_options_in_one_line(twin_loras, tiny_sd1_folder
     error = capsys.readouterr().err.strip()
     assert code != 0 and option in error and len(error.splitlines()) == 1, error
     assert not out.exists()
+
+
+def test_distill_size_is_the_largest_multiple_of_64_whose_backward_fits():
+    gib = 2**30
+    assert distill_size(per_draw=2 * gib, size=512, room=3 * gib) == 512  # fits: the capture size
+    assert distill_size(per_draw=4 * gib, size=512, room=1 * gib) == 256  # a quarter of the pixels
+    assert distill_size(per_draw=4 * gib, size=512, room=2 * gib) == 320  # 512 / sqrt(2) = 362 -> 320
+    assert distill_size(per_draw=100 * gib, size=512, room=1 * gib) == 64  # never below one multiple
+    assert distill_size(per_draw=100 * gib, size=32, room=1 * gib) == 32  # a smaller capture stays
+    assert distill_size(per_draw=gib, size=512, room=-gib) == 64  # a budget below the margin
+
+
+def test_distill_over_budget_trains_at_a_smaller_size_and_says_so(tiny_sd1, twin_loras, tmp_path):
+    messages = []
+    settings = MergeSettings(method="distill", capture_size=512, capture_steps=2, distill_iters=2,
+                             distill_trajectories=1, report=False, end_to_end=False, max_memory_gb=0.76)
+    summary = merge_to_file(tiny_sd1, load_concepts(twin_loras, None), settings, str(tmp_path / "small.safetensors"),
+                            progress=Progress(lambda event: messages.append(event.message)))
+    info = summary["distill"]
+    assert info["size"] < 512 and info["size"] % 64 == 0
+    assert info["pool_samples"] == 2 * 1 * 2  # concepts x trajectories x steps
+    assert any(f"teacher and training run at {info['size']} px" in m for m in messages if m)
+
+
+def test_cli_says_when_distill_trained_below_the_capture_size(twin_loras, tiny_sd1_folder, tmp_path, capsys):
+    out = tmp_path / "small.safetensors"
+    code = main(["merge", "--base", tiny_sd1_folder, "--lora", twin_loras[0], "--lora", twin_loras[1],
+                 "--method", "distill", "--capture-size", "512", "--capture-steps", "2", "--distill-iters", "2",
+                 "--distill-trajectories", "1", "--no-report", "--no-end-to-end", "--max-memory", "0.76",
+                 "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and out.exists()
+    assert "not 512 px: raise --max-memory to train at 512 px" in printed and "2 steps, loss" in printed, printed

@@ -22,6 +22,7 @@ from lib_loraclr.runtime import LoraRuntime
 from lib_loraclr.hosts.webui_host import WebUIHost, scan_lora_folder
 from lib_loraclr.webui.merge_service import MergeRequest, MergeService, report_path_for
 from lib_loraclr.webui.ui import MAX_CONCEPT_ROWS, merge_request_from_ui, request_from_args
+from lib_loraclr.validation import InputError
 
 from test_compose_engine import attention_deltas
 
@@ -239,6 +240,13 @@ def test_tab_values_become_a_merge_request():
     budgeted = merge_request_from_ui([["a", "x", 1], ["b", "y", 1]], "loraclr", "out", 0, False,
                                      {"max_memory_gb": 2.5, "report": True}).merge_settings()
     assert budgeted.max_memory_gb == 2.5 and budgeted.report is True
+    distilled = merge_request_from_ui([["a", "x", 1], ["b", "y", 1]], "distill", "out", 0, False,
+                                      {"prompt_template": "a drawing of {}", "distill_iters": 300.0,
+                                       "distill_lr": 0.02, "guidance_scale": 7}).merge_settings()
+    assert distilled.method == "distill" and distilled.prompt_template == "a drawing of {}"
+    assert distilled.distill_iters == 300 and isinstance(distilled.distill_iters, int) and distilled.guidance_scale == 7.0
+    with pytest.raises(InputError, match="merge request: settings.prompt_template: must hold {} exactly once"):
+        merge_request_from_ui([["a", "x", 1], ["b", "y", 1]], "distill", "out", 0, False, {"prompt_template": "a cat"})
 
 
 @pytest.mark.parametrize("present, expected", [

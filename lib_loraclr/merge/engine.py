@@ -35,12 +35,14 @@ from ..runtime import LoraMismatchError, LoraRuntime, check_fits
 from ..sampling import initial_noise, sample
 from .capture import LayerHooks, StatsCollector, layer_matrix
 from .memory import (
+    DISTILL_MARGIN,
     GIB,
     InputCost,
     activation_bytes,
     backward_bytes,
     budget_bytes,
     concept_batches,
+    distill_size,
     exact_bytes,
     plan_passes,
     stream_costs,
@@ -222,27 +224,40 @@ class LoraclrMerge:
         return self.result
 
     def _distill(self, writer: KohyaWriter):
-        """Every layer at once, end to end (``distill.py``): the teacher pool, the training, the layers written."""
+        """Every layer at once, end to end (``distill.py``): the teacher pool, the training, the layers written.
+
+        Autograd keeps every layer's activations, so the pool and the training run at the
+        capture size only if one draw's backward (a cond and an uncond row) fits the budget;
+        otherwise at the largest smaller size that does, and the progress says so.
+        """
         settings = self.settings
+        capture = self.capture_size()
+        room = self.budget - DISTILL_MARGIN
+        per_draw_at_capture = 2 * backward_bytes(self.targets_of("unet"), self._row_counts("unet")[0])
+        size = distill_size(per_draw_at_capture, capture, room)
+        per_draw = per_draw_at_capture * (size / capture) ** 2
+        if size < capture:
+            self.progress.update("teacher", 0, 1, message=(
+                f"distill: one training draw at {capture} px needs about {per_draw_at_capture / GIB:.1f} GiB, more than "
+                f"the {self.budget / GIB:.1f} GiB budget allows: teacher and training run at {size} px "
+                f"(raise --max-memory to train at {capture} px)"))
         started = time.perf_counter()
         pool = teacher_pool(
             self.model, [c.lora for c in self.concepts], [c.weight for c in self.concepts], self.prompts(),
-            size=self.capture_size(), steps=settings.capture_steps, trajectories=settings.distill_trajectories,
+            size=size, steps=settings.capture_steps, trajectories=settings.distill_trajectories,
             guidance_scale=settings.guidance_scale, seed=settings.seed, progress=self.progress)
         self.result.seconds["teacher"] = time.perf_counter() - started
         started = time.perf_counter()
         student = MixedDeltas(self.targets, {t: self.factors(t) for t in self.targets})
         self._stats_bytes = pool.nbytes() + 3 * student.nbytes()  # the pool, the mixes and Adam's two moments
-        # one draw is a cond and an uncond row; as many draws per forward as their backward fits in the budget
-        per_draw = 2 * backward_bytes(self.targets_of("unet"), self._row_counts("unet")[0])
-        room = self.budget - self._stats_bytes - WORKING_MARGIN
-        draws = max(1, min(settings.distill_batch, room // max(per_draw, 1)))
+        # as many draws per forward as their backward fits in what the budget leaves
+        draws = max(1, min(settings.distill_batch, int((room - self._stats_bytes) // max(per_draw, 1))))
         history = distill(self.model, student, pool, self.prompts(), iterations=settings.distill_iters,
                           lr=settings.distill_lr, batch=settings.distill_batch, draws_per_forward=draws,
                           seed=settings.seed, progress=self.progress)
         self.result.seconds["distill"] = time.perf_counter() - started
-        self.result.distill = {"pool_samples": len(pool), "steps": len(history), "draws_per_forward": draws,
-                               "backward_bytes_per_draw": per_draw, "loss_first": history[0],
+        self.result.distill = {"size": size, "capture_size": capture, "pool_samples": len(pool), "steps": len(history),
+                               "draws_per_forward": draws, "backward_bytes_per_draw": int(per_draw), "loss_first": history[0],
                                "loss_last": history[-1], "loss_min": min(history)}
         for index, (target, module) in enumerate(self.targets.items()):
             self.progress.update("write", index, len(self.targets), target, f"factoring {target}")

@@ -27,6 +27,9 @@ ACTIVATION_COPIES = 5
 # Autograd keeps about this many fp32 copies of *every* hooked layer's input and output per
 # batch row for the backward (``--method distill``). Measured on full-width SD1.5 (see README, Memory).
 BACKWARD_COPIES = 2
+# What a distillation holds besides that backward (the teacher's and the text encoder's work,
+# the pool, the allocator's slack): 1.3-1.45 GiB measured on full-width SD1.5 at 64-384 px.
+DISTILL_MARGIN = 3 * GIB // 2
 
 
 def available_bytes(device: torch.device) -> int:
@@ -76,6 +79,14 @@ def backward_bytes(targets: dict[str, torch.nn.Module], rows_per_forward: dict[s
     """Estimated activations one batch row's forward keeps for its backward: every layer's, not the widest."""
     return sum(BACKWARD_COPIES * FLOAT * rows_per_forward.get(t, 0) * (m.weight[0].numel() + m.weight.shape[0])
                for t, m in targets.items())
+
+
+def distill_size(per_draw: int, size: int, room: int, multiple: int = 64) -> int:
+    """The largest image size <= ``size`` (a multiple of ``multiple``) at which one training draw's
+    backward fits ``room``; ``per_draw`` is that backward at ``size``, and it grows with the pixels."""
+    if per_draw <= room or size <= multiple:
+        return size
+    return max(multiple, int(size * (max(room, 0) / per_draw) ** 0.5) // multiple * multiple)
 
 
 def concept_batches(n_concepts: int, per_concept: int, budget: int) -> list[range]:
