@@ -9,7 +9,7 @@ from lib_loraclr.cli import main
 from lib_loraclr.demo import concept_deltas
 from lib_loraclr.lora.lowrank import LowRank
 from lib_loraclr.lora.writer import write_kohya_lora, write_sidecar
-from lib_loraclr.merge.distill import DistillError, MixedDeltas, TeacherPool, distill
+from lib_loraclr.merge.distill import DistillError, MixedDeltas, TeacherPool, distill, teacher_pool
 from lib_loraclr.merge.memory import distill_size
 from lib_loraclr.merge.objective import MergeSettings
 from lib_loraclr.merge.pipeline import load_concepts, merge_to_file
@@ -182,3 +182,23 @@ def test_cli_says_when_distill_trained_below_the_capture_size(twin_loras, tiny_s
     printed = capsys.readouterr().out
     assert code == 0 and out.exists()
     assert "not 512 px: raise --max-memory to train at 512 px" in printed and "2 steps, loss" in printed, printed
+
+
+def test_teacher_in_smaller_forwards_samples_the_same_pool(tiny_sd1, twin_loras):
+    """Each trajectory keeps its row of one seeded noise and the UNet's rows are independent, so the
+    memory plan's forwards of fewer trajectories record the same points as one forward of all."""
+    concepts = load_concepts(twin_loras, None)
+    pools = [teacher_pool(tiny_sd1, [c.lora for c in concepts], [1.0, 1.0], ["a zqx fox", "a vbk robot"], size=SIZE,
+                          steps=3, trajectories=3, per_forward=per_forward, guidance_scale=4.0, seed=2,
+                          progress=Progress())
+             for per_forward in (3, 1, 2)]
+    whole, *split = pools
+    assert len(whole) == 2 * 3 * 3
+    for pool in split:
+        order_whole = sorted(range(len(whole)), key=lambda k: (int(whole.concepts[k]), -int(whole.timesteps[k]),
+                                                                 float(whole.inputs[k].sum())))
+        order = sorted(range(len(pool)), key=lambda k: (int(pool.concepts[k]), -int(pool.timesteps[k]),
+                                                          float(pool.inputs[k].sum())))
+        assert torch.allclose(pool.inputs[order], whole.inputs[order_whole], rtol=1e-4, atol=1e-4)
+        assert torch.allclose(pool.eps_cond[order], whole.eps_cond[order_whole], rtol=1e-4, atol=1e-4)
+        assert torch.allclose(pool.eps_uncond[order], whole.eps_uncond[order_whole], rtol=1e-4, atol=1e-4)

@@ -57,9 +57,10 @@ class TeacherPool:
 @torch.no_grad()
 def teacher_pool(
     model: ModelAccess, loras: list[LoraFile], weights: list[float], prompts: list[str], *,
-    size: int, steps: int, trajectories: int, guidance_scale: float, seed: int, progress: Progress,
+    size: int, steps: int, trajectories: int, per_forward: int, guidance_scale: float, seed: int, progress: Progress,
 ) -> TeacherPool:
-    """Sample each concept ``trajectories`` times with its own LoRA (classifier-free guided)."""
+    """Sample each concept ``trajectories`` times with its own LoRA (classifier-free guided),
+    ``per_forward`` trajectories at a time (the memory plan's); each keeps its row of one seeded noise."""
     timesteps = trailing_timesteps(len(model.alphas_cumprod), steps)
     sigmas = sigmas_for(model.alphas_cumprod, timesteps).tolist()
     latent = size // model.vae_scale_factor
@@ -67,23 +68,25 @@ def teacher_pool(
     parts: dict[str, list[torch.Tensor]] = {"inputs": [], "timesteps": [], "concepts": [], "eps_cond": [], "eps_uncond": []}
     for i, (lora, weight, prompt) in enumerate(zip(loras, weights, prompts)):
         with LoraRuntime(model.targets(), [lora], [weight]):
-            cond = Conditioning.cat([model.encode([""] * trajectories), model.encode([prompt] * trajectories)])
+            for start in range(0, trajectories, per_forward):
+                rows = noise[i * trajectories + start:i * trajectories + min(start + per_forward, trajectories)]
+                count = rows.shape[0]
+                cond = Conditioning.cat([model.encode([""] * count), model.encode([prompt] * count)])
 
-            def step(k, x, sigma, timestep, i=i, cond=cond):
-                progress.update("teacher", i * steps + k, len(loras) * steps,
-                                message=f"teacher: concept {i + 1}/{len(loras)} with its own LoRA, step {k + 1}/{steps}")
-                model_input = (x / (1.0 + sigma**2) ** 0.5).to(model.dtype)
-                t = torch.full((2 * trajectories,), timestep, dtype=torch.long, device=x.device)
-                eps_uncond, eps_cond = model.unet_eps(torch.cat([model_input, model_input]), t, cond).float().chunk(2)
-                parts["inputs"].append(model_input.float().cpu())
-                parts["eps_cond"].append(eps_cond.cpu())
-                parts["eps_uncond"].append(eps_uncond.cpu())
-                parts["timesteps"].append(t[:trajectories].cpu())
-                parts["concepts"].append(torch.full((trajectories,), i, dtype=torch.long))
-                return x, x - sigma * (eps_uncond + guidance_scale * (eps_cond - eps_uncond))
+                def step(k, x, sigma, timestep, i=i, cond=cond, count=count):
+                    progress.update("teacher", i * steps + k, len(loras) * steps,
+                                    message=f"teacher: concept {i + 1}/{len(loras)} with its own LoRA, step {k + 1}/{steps}")
+                    model_input = (x / (1.0 + sigma**2) ** 0.5).to(model.dtype)
+                    t = torch.full((2 * count,), timestep, dtype=torch.long, device=x.device)
+                    eps_uncond, eps_cond = model.unet_eps(torch.cat([model_input, model_input]), t, cond).float().chunk(2)
+                    parts["inputs"].append(model_input.float().cpu())
+                    parts["eps_cond"].append(eps_cond.cpu())
+                    parts["eps_uncond"].append(eps_uncond.cpu())
+                    parts["timesteps"].append(t[:count].cpu())
+                    parts["concepts"].append(torch.full((count,), i, dtype=torch.long))
+                    return x, x - sigma * (eps_uncond + guidance_scale * (eps_cond - eps_uncond))
 
-            rows = noise[i * trajectories:(i + 1) * trajectories].to(model.device)
-            sample_steps(rows * (1.0 + sigmas[0] ** 2) ** 0.5, sigmas, timesteps, step)
+                sample_steps(rows.to(model.device) * (1.0 + sigmas[0] ** 2) ** 0.5, sigmas, timesteps, step)
     return TeacherPool(**{key: torch.cat(value) for key, value in parts.items()})
 
 

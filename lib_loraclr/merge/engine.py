@@ -241,11 +241,14 @@ class LoraclrMerge:
                 f"distill: one training draw at {capture} px needs about {per_draw_at_capture / GIB:.1f} GiB, more than "
                 f"the {self.budget / GIB:.1f} GiB budget allows: teacher and training run at {size} px "
                 f"(raise --max-memory to train at {capture} px)"))
+        # the teacher's forwards (no grad): a cond and an uncond row per trajectory, as the capture's estimate
+        per_trajectory = 2 * activation_bytes(self.targets_of("unet"), self._row_counts("unet")[0]) * (size / capture) ** 2
+        per_forward = max(1, min(settings.distill_trajectories, int(room // max(per_trajectory, 1))))
         started = time.perf_counter()
         pool = teacher_pool(
             self.model, [c.lora for c in self.concepts], [c.weight for c in self.concepts], self.prompts(),
             size=size, steps=settings.capture_steps, trajectories=settings.distill_trajectories,
-            guidance_scale=settings.guidance_scale, seed=settings.seed, progress=self.progress)
+            per_forward=per_forward, guidance_scale=settings.guidance_scale, seed=settings.seed, progress=self.progress)
         self.result.seconds["teacher"] = time.perf_counter() - started
         started = time.perf_counter()
         student = MixedDeltas(self.targets, {t: self.factors(t) for t in self.targets})
