@@ -233,7 +233,8 @@ class LoraclrMerge:
         settings = self.settings
         capture = self.capture_size()
         room = self.budget - DISTILL_MARGIN
-        per_draw_at_capture = 2 * backward_bytes(self.targets_of("unet"), self._row_counts("unet")[0])
+        unet_targets, unet_rows = self.targets_of("unet"), self._row_counts("unet")[0]  # per row, at the capture size
+        per_draw_at_capture = 2 * backward_bytes(unet_targets, unet_rows)
         size = distill_size(per_draw_at_capture, capture, room)
         per_draw = per_draw_at_capture * (size / capture) ** 2
         if size < capture:
@@ -242,7 +243,7 @@ class LoraclrMerge:
                 f"the {self.budget / GIB:.1f} GiB budget allows: teacher and training run at {size} px "
                 f"(raise --max-memory to train at {capture} px)"))
         # the teacher's forwards (no grad): a cond and an uncond row per trajectory, as the capture's estimate
-        per_trajectory = 2 * activation_bytes(self.targets_of("unet"), self._row_counts("unet")[0]) * (size / capture) ** 2
+        per_trajectory = 2 * activation_bytes(unet_targets, unet_rows) * (size / capture) ** 2
         per_forward = max(1, min(settings.distill_trajectories, int(room // max(per_trajectory, 1))))
         started = time.perf_counter()
         pool = teacher_pool(
