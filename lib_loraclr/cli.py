@@ -81,6 +81,10 @@ def _add_merge_settings(parser: argparse.ArgumentParser):
                         help="distill: trajectory points per step (the UNet runs on twice as many rows)")
     parser.add_argument("--distill-trajectories", type=int, default=defaults.distill_trajectories,
                         help="distill: images each concept's own LoRA samples for the teacher pool")
+    parser.add_argument("--distill-pair-trajectories", type=int, default=defaults.distill_pair_trajectories,
+                        help="distill: images per concept pair composed from the two LoRAs in their own regions "
+                             "(masked composition) added to the pool; 0 = none. Lowers bleeding, may cost "
+                             "single-concept fidelity")
     parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale,
                         help="distill: classifier-free guidance of those teacher images")
     parser.add_argument("--no-report", action="store_true",
@@ -97,7 +101,7 @@ def _settings_from(args) -> MergeSettings:
         report=not args.no_report, end_to_end=not args.no_end_to_end, max_memory_gb=args.max_memory,
         prompt_template=args.prompt_template, distill_iters=args.distill_iters, distill_lr=args.distill_lr,
         distill_batch=args.distill_batch, distill_trajectories=args.distill_trajectories,
-        guidance_scale=args.guidance_scale,
+        distill_pair_trajectories=args.distill_pair_trajectories, guidance_scale=args.guidance_scale,
     )
     try:
         return MergeSettings(**values)
@@ -165,7 +169,9 @@ def cmd_merge(args) -> int:
     if distill:
         capture = distill["capture_size"]
         smaller = f", not {capture} px: raise --max-memory to train at {capture} px" if distill["size"] < capture else ""
-        print(f"distill: teacher and training at {distill['size']} px{smaller}; {distill['steps']} steps, "
+        pairs = f" ({distill['pair_samples']} of them composed pairs)" if distill["pair_samples"] else ""
+        print(f"distill: teacher and training at {distill['size']} px{smaller}; pool of {distill['pool_samples']} "
+              f"points{pairs}; {distill['steps']} steps, "
               f"loss {distill['loss_first']:.4g} -> {distill['loss_last']:.4g} (lowest {distill['loss_min']:.4g})")
     print(f"wrote {summary['output']} ({summary['layers']} layers, method {summary['method']})")
     return 0

@@ -9,7 +9,16 @@ from lib_loraclr.cli import main
 from lib_loraclr.demo import concept_deltas
 from lib_loraclr.lora.lowrank import LowRank
 from lib_loraclr.lora.writer import write_kohya_lora, write_sidecar
-from lib_loraclr.merge.distill import DistillError, MixedDeltas, TeacherPool, distill, teacher_pool
+from lib_loraclr.compose.attention import cross_attention_modules, map_divisor
+from lib_loraclr.merge.distill import (
+    DistillError,
+    MixedDeltas,
+    TeacherPool,
+    distill,
+    pair_indices,
+    pair_teacher_pool,
+    teacher_pool,
+)
 from lib_loraclr.merge.memory import distill_size
 from lib_loraclr.merge.objective import MergeSettings
 from lib_loraclr.merge.pipeline import load_concepts, merge_to_file
@@ -102,10 +111,11 @@ def test_divergence_is_one_clear_error_and_removes_the_hooks(tiny_sd1):
     latent = torch.zeros(2, 4, SIZE // 8, SIZE // 8)
     bad = latent.clone()
     bad[0, 0, 0, 0] = float("nan")
-    pool = TeacherPool(latent, torch.tensor([500, 300]), torch.tensor([0, 0]), bad, latent.clone())
+    pool = TeacherPool(latent, torch.tensor([500, 300]), torch.tensor([0, 0]), bad, latent.clone(),
+                       torch.tensor([False, False]))
     with pytest.raises(DistillError, match="diverged at step 1"):
-        distill(tiny_sd1, student, pool, ["a photo of a zqx"], iterations=3, lr=1e-2, batch=2, draws_per_forward=2, seed=0,
-                progress=Progress())
+        distill(tiny_sd1, student, pool, ["a photo of a zqx"], iterations=3, lr=1e-2, batch=2, draws_per_forward=2,
+                guidance_scale=4.0, seed=0, progress=Progress())
     assert no_hooks(tiny_sd1.unet) and no_hooks(tiny_sd1.text_encoder)
 
 
@@ -118,12 +128,12 @@ def test_forwards_of_fewer_draws_train_exactly_as_the_whole_batch(tiny_sd1):
     shape = (6, 4, SIZE // 8, SIZE // 8)
     pool = TeacherPool(torch.randn(shape, generator=generator), torch.tensor([900, 700, 500, 300, 200, 100]),
                        torch.tensor([0, 0, 0, 1, 1, 1]), torch.randn(shape, generator=generator),
-                       torch.randn(shape, generator=generator))
+                       torch.randn(shape, generator=generator), torch.tensor([False, True] * 3))
     results = []
     for draws in (4, 1, 3):
         student = MixedDeltas(chosen, factors)
         history = distill(tiny_sd1, student, pool, ["a zqx", "a vbk"], iterations=3, lr=5e-2, batch=4,
-                          draws_per_forward=draws, seed=0, progress=Progress())
+                          draws_per_forward=draws, guidance_scale=4.0, seed=0, progress=Progress())
         results.append((history, [m.detach().clone() for m in student.parameters()]))
     (whole, whole_mixes), *split = results
     assert whole[-1] != whole[0], "the mixes trained"
@@ -195,10 +205,79 @@ def test_teacher_in_smaller_forwards_samples_the_same_pool(tiny_sd1, twin_loras)
     whole, *split = pools
     assert len(whole) == 2 * 3 * 3
     for pool in split:
-        order_whole = sorted(range(len(whole)), key=lambda k: (int(whole.concepts[k]), -int(whole.timesteps[k]),
+        order_whole = sorted(range(len(whole)), key=lambda k: (int(whole.prompts[k]), -int(whole.timesteps[k]),
                                                                  float(whole.inputs[k].sum())))
-        order = sorted(range(len(pool)), key=lambda k: (int(pool.concepts[k]), -int(pool.timesteps[k]),
+        order = sorted(range(len(pool)), key=lambda k: (int(pool.prompts[k]), -int(pool.timesteps[k]),
                                                           float(pool.inputs[k].sum())))
         assert torch.allclose(pool.inputs[order], whole.inputs[order_whole], rtol=1e-4, atol=1e-4)
         assert torch.allclose(pool.eps_cond[order], whole.eps_cond[order_whole], rtol=1e-4, atol=1e-4)
         assert torch.allclose(pool.eps_uncond[order], whole.eps_uncond[order_whole], rtol=1e-4, atol=1e-4)
+
+
+def test_pairs_chain_every_concept_twice_and_grow_with_n():
+    assert pair_indices(1) == []
+    assert pair_indices(2) == [(0, 1)]
+    assert pair_indices(4) == [(0, 1), (1, 2), (2, 3), (3, 0)]
+
+
+@pytest.mark.parametrize("latent_side,preferred,expected", [(8, 16, 8), (8, 2, 32), (40, 16, 16), (40, 5, 64)])
+def test_map_divisor_reads_the_resolutions_the_unet_has(tiny_sd1, latent_side, preferred, expected):
+    """tiny SD1: cross-attention at levels 0-2 and the mid block (level 3): sides L, L/2, L/4, L/8."""
+    def run():
+        latent = torch.zeros(1, 4, latent_side, latent_side)
+        tiny_sd1.unet_eps(latent, torch.tensor([500]), tiny_sd1.encode([""]))
+
+    with torch.no_grad():
+        assert map_divisor(cross_attention_modules(tiny_sd1.unet), run, latent_side, 8, preferred) == expected
+    assert no_hooks(tiny_sd1.unet)
+
+
+def test_pair_points_train_on_the_guided_noise(tiny_sd1):
+    """The loss per draw, against a known answer: the base model (a student whose LoRAs add nothing)
+    misses a single point's targets by a and b and a pair point's guided target by c, so the first
+    loss is (mean a^2 + mean b^2 + mean c^2 / g^2) / 2."""
+    target, module = next(iter(tiny_sd1.targets().items()))
+    silent = LowRank(torch.zeros(module.weight.shape[0], 2), torch.randn(2, module.weight[0].numel()))
+    student = MixedDeltas({target: module}, {target: [silent]})
+    generator = torch.Generator().manual_seed(3)
+    inputs = torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=generator)
+    timesteps, prompts, guidance = torch.tensor([700, 300]), ["a zqx fox", "a zqx fox and a vbk robot"], 4.0
+    with torch.no_grad():
+        cond = tiny_sd1.encode(prompts + ["", ""])
+        eps_cond, eps_uncond = tiny_sd1.unet_eps(torch.cat([inputs, inputs]), timesteps.repeat(2), cond).chunk(2)
+    a, b, c = (torch.randn(inputs[:1].shape, generator=generator) for _ in range(3))
+    guided = eps_uncond[1:] + guidance * (eps_cond[1:] - eps_uncond[1:])
+    pool = TeacherPool(inputs, timesteps, torch.tensor([0, 1]), torch.cat([eps_cond[:1] + a, guided + c]),
+                       torch.cat([eps_uncond[:1] + b, torch.zeros_like(b)]), torch.tensor([False, True]))
+    history = distill(tiny_sd1, student, pool, prompts, iterations=1, lr=1e-3, batch=2, draws_per_forward=1,
+                      guidance_scale=guidance, seed=0, progress=Progress())
+    expected = (a.square().mean() + b.square().mean() + c.square().mean() / guidance**2) / 2
+    assert history[0] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_pair_teacher_with_silent_loras_is_guided_base_sampling(tiny_sd1, twin_loras):
+    """At weight 0 both LoRAs add nothing, so the composition is the base model: every recorded
+    point's guided noise must be the base's uncond + g (cond - uncond) at that point's input."""
+    concepts = load_concepts(twin_loras, None)
+    prompt, guidance = "a zqx fox and a vbk robot", 3.0
+    pool = pair_teacher_pool(tiny_sd1, [c.lora for c in concepts], [0.0, 0.0], ["zqx fox", "vbk robot"], [prompt],
+                             [(0, 1)], first_prompt=2, size=SIZE, steps=3, trajectories=2, per_forward=2,
+                             guidance_scale=guidance, seed=1, progress=Progress())
+    assert len(pool) == 1 * 2 * 3 and bool(pool.guided.all()) and pool.prompts.tolist() == [2] * 6
+    with torch.no_grad():
+        cond = tiny_sd1.encode([prompt] * len(pool) + [""] * len(pool))
+        eps_cond, eps_uncond = tiny_sd1.unet_eps(torch.cat([pool.inputs] * 2), pool.timesteps.repeat(2), cond).chunk(2)
+    assert torch.allclose(pool.eps_cond, eps_uncond + guidance * (eps_cond - eps_uncond), atol=1e-4)
+    assert no_hooks(tiny_sd1.unet) and no_hooks(tiny_sd1.text_encoder)
+
+
+def test_cli_distill_with_pairs_puts_them_in_the_pool(tiny_sd1_folder, twin_loras, tmp_path, capsys):
+    out = tmp_path / "pairs.safetensors"
+    code = main(["merge", "--base", tiny_sd1_folder, "--lora", twin_loras[0], "--lora", twin_loras[1],
+                 "--method", "distill", "--capture-size", str(SIZE), "--capture-steps", "2", "--distill-iters", "2",
+                 "--distill-trajectories", "1", "--distill-pair-trajectories", "2", "--no-report", "--no-end-to-end",
+                 "--out", str(out)])
+    printed = capsys.readouterr().out
+    # concepts x trajectories x steps, then pairs x pair trajectories x steps
+    assert code == 0 and out.exists()
+    assert f"pool of {2 * 1 * 2 + 1 * 2 * 2} points ({1 * 2 * 2} of them composed pairs)" in printed, printed

@@ -30,6 +30,30 @@ def cross_attention_modules(unet: nn.Module) -> list[nn.Module]:
     return [module for name, module in unet.named_modules() if name.rsplit(".", 1)[-1] == "attn2"]
 
 
+def map_divisor(modules: list[nn.Module], run, latent_side: int, vae_scale_factor: int, preferred_side: int = 16) -> int:
+    """The ``attention_res_divisor`` whose maps are the model's cross-attention resolution closest
+    to ``preferred_side`` (the paper's 16x16) for a square latent of ``latent_side``; ``run()``
+    runs the UNet once at that size (the layers' query counts are read from it)."""
+    sides: set[int] = set()
+
+    def pre_hook(module, args, kwargs):
+        hidden, _ = layer_inputs(args, kwargs)
+        if hidden is not None and hidden.dim() == 3:
+            sides.add(round(hidden.shape[1] ** 0.5))
+
+    handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True) for module in modules]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    levels = [k for k in range(12) if -(-latent_side // 2**k) in sides]
+    if not levels:
+        raise ValueError(f"no cross-attention layer ran at a {latent_side}x{latent_side} latent")
+    best = min(levels, key=lambda k: abs(-(-latent_side // 2**k) - preferred_side))
+    return vae_scale_factor * 2**best
+
+
 def layer_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(hidden states, context) of an attention call, diffusers or ldm calling convention."""
     hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))

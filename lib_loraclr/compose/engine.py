@@ -137,6 +137,8 @@ _ENCODER_WIDTHS = {2048: (768, 1280)}
 def apply_emphasis(context: torch.Tensor, token_weights: Sequence[float]) -> torch.Tensor:
     """A1111's "Original" emphasis on (B, T, C) states: token t (BOS at 0) times its weight, then
     each encoder's states rescaled to their mean before weighting. Unchanged when every weight is 1.
+    States whose mean is rounding noise (a LayerNorm without bias) are left unrescaled: dividing by
+    it would blow them up by ~1e8 while staying finite.
 
     Why here and not in the host: the passes' prompts reach the text encoders without A1111
     syntax (the plan's token positions are those of the clean prompt), on every host.
@@ -148,7 +150,9 @@ def apply_emphasis(context: torch.Tensor, token_weights: Sequence[float]) -> tor
     blocks = []
     for block in context.split(list(_ENCODER_WIDTHS.get(context.shape[-1], (context.shape[-1],))), dim=-1):
         weighted = block * multipliers[None, :, None]
-        blocks.append(weighted * (block.mean() / weighted.mean()))
+        mean = weighted.mean()
+        degenerate = mean.abs() <= 1e-4 * weighted.abs().mean()
+        blocks.append(weighted if degenerate else weighted * (block.mean() / mean))
     return torch.cat(blocks, dim=-1)
 
 

@@ -8,7 +8,11 @@ end-to-end figure showed such merges further from the concepts than the base mod
 1. teacher: concept i's prompt sampled with its own LoRA (text encoder and UNet, guided as a
    user would), recording on the way the model input, the timestep and the noise its LoRA
    predicts for the prompt and for the empty prompt (``TeacherPool``);
-2. student: the model with ``MixedDeltas`` hooked on, its text encoder included, trained by
+2. pair teacher (``distill_pair_trajectories`` > 0): "<prompt i> and <prompt j>" sampled by
+   the single-pass composition (``compose.masked``: each LoRA kept to its subject's region),
+   recording the guided noise, so the loss also keeps one concept's attributes off the other's
+   object, which no single-concept prompt can teach;
+3. student: the model with ``MixedDeltas`` hooked on, its text encoder included, trained by
    Adam to predict the same noises on random draws from the pool.
 
 Each layer's merged delta stays in the span of the concepts' own factors,
@@ -21,6 +25,7 @@ state is sum over layers of K^2 numbers, whatever the layers' widths.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -28,6 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compose.attention import cross_attention_modules, map_divisor
+from ..compose.concepts import LoraConcept, plan_one_prompt
+from ..compose.engine import encode_passes
+from ..compose.fusion import pass_lora_sets
+from ..compose.masked import MaskedLoraEngine
+from ..compose.settings import ComposeSettings
 from ..frozen_grad import GradThroughFrozen
 from ..lora.base import LoraFile
 from ..lora.lowrank import LowRank
@@ -39,19 +50,36 @@ from ..sampling import initial_noise, sample_steps, sigmas_for, trailing_timeste
 
 @dataclass
 class TeacherPool:
-    """Points on the concepts' own sampling trajectories, on the CPU: S = concepts x trajectories x steps."""
+    """Points on the teachers' sampling trajectories, on the CPU: S = prompts x trajectories x steps.
+
+    A single point (``guided`` False) holds the concept's own LoRA's noise on its prompt and on
+    the empty prompt; a pair point holds the composition's guided noise in ``eps_cond`` (its
+    ``eps_uncond`` is not used)."""
 
     inputs: torch.Tensor  # (S, C, h, w) the UNet's input there (x / sqrt(1 + sigma^2))
     timesteps: torch.Tensor  # (S,)
-    concepts: torch.Tensor  # (S,) which concept's trajectory
-    eps_cond: torch.Tensor  # (S, C, h, w) the concept's own LoRA's noise on its prompt
-    eps_uncond: torch.Tensor  # (S, C, h, w) ... and on the empty prompt
+    prompts: torch.Tensor  # (S,) which prompt's trajectory (an index into the training's prompt list)
+    eps_cond: torch.Tensor  # (S, C, h, w) noise on the prompt (pair points: guided)
+    eps_uncond: torch.Tensor  # (S, C, h, w) noise on the empty prompt (pair points: zeros)
+    guided: torch.Tensor  # (S,) bool: a pair point
 
     def __len__(self) -> int:
         return int(self.timesteps.shape[0])
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.inputs, self.eps_cond, self.eps_uncond))
+
+    @staticmethod
+    def cat(pools: list["TeacherPool"]) -> "TeacherPool":
+        return TeacherPool(*(torch.cat([getattr(p, f.name) for p in pools]) for f in dataclasses.fields(TeacherPool)))
+
+
+def pair_indices(count: int) -> list[tuple[int, int]]:
+    """The pairs the pair teacher samples: each concept with the next (cyclically), so every
+    concept is in two pairs and the pool grows with N, not N^2; one pair for two concepts."""
+    if count < 2:
+        return []
+    return [(0, 1)] if count == 2 else [(i, (i + 1) % count) for i in range(count)]
 
 
 @torch.no_grad()
@@ -65,7 +93,7 @@ def teacher_pool(
     sigmas = sigmas_for(model.alphas_cumprod, timesteps).tolist()
     latent = size // model.vae_scale_factor
     noise = initial_noise((len(loras) * trajectories, model.latent_channels, latent, latent), seed)
-    parts: dict[str, list[torch.Tensor]] = {"inputs": [], "timesteps": [], "concepts": [], "eps_cond": [], "eps_uncond": []}
+    parts: dict[str, list[torch.Tensor]] = {"inputs": [], "timesteps": [], "prompts": [], "eps_cond": [], "eps_uncond": []}
     for i, (lora, weight, prompt) in enumerate(zip(loras, weights, prompts)):
         with LoraRuntime(model.targets(), [lora], [weight]):
             for start in range(0, trajectories, per_forward):
@@ -83,11 +111,61 @@ def teacher_pool(
                     parts["eps_cond"].append(eps_cond.cpu())
                     parts["eps_uncond"].append(eps_uncond.cpu())
                     parts["timesteps"].append(t[:count].cpu())
-                    parts["concepts"].append(torch.full((count,), i, dtype=torch.long))
+                    parts["prompts"].append(torch.full((count,), i, dtype=torch.long))
                     return x, x - sigma * (eps_uncond + guidance_scale * (eps_cond - eps_uncond))
 
                 sample_steps(rows.to(model.device) * (1.0 + sigmas[0] ** 2) ** 0.5, sigmas, timesteps, step)
-    return TeacherPool(**{key: torch.cat(value) for key, value in parts.items()})
+    values = {key: torch.cat(value) for key, value in parts.items()}
+    return TeacherPool(**values, guided=torch.zeros(len(values["timesteps"]), dtype=torch.bool))
+
+
+@torch.no_grad()
+def pair_teacher_pool(
+    model: ModelAccess, loras: list[LoraFile], weights: list[float], triggers: list[str], prompts: list[str],
+    pairs: list[tuple[int, int]], *, first_prompt: int, size: int, steps: int, trajectories: int, per_forward: int,
+    guidance_scale: float, seed: int, progress: Progress,
+) -> TeacherPool:
+    """Sample each pair's prompt ``prompts[k]`` with the single-pass composition of its two LoRAs
+    (subjects: the triggers), recording the guided noise; its points index ``first_prompt + k``."""
+    timesteps = trailing_timesteps(len(model.alphas_cumprod), steps)
+    sigmas = sigmas_for(model.alphas_cumprod, timesteps).tolist()
+    latent = size // model.vae_scale_factor
+    noise = initial_noise((len(pairs) * trajectories, model.latent_channels, latent, latent), seed + 1)
+    modules = cross_attention_modules(model.unet)
+
+    def probe():  # one base-model forward at this size: which resolutions have cross-attention
+        probe_latent = torch.zeros(1, model.latent_channels, latent, latent, device=model.device, dtype=model.dtype)
+        model.unet_eps(probe_latent, torch.tensor([int(timesteps[0])], device=model.device), model.encode([""]))
+
+    divisor = map_divisor(modules, probe, latent, model.vae_scale_factor)
+    settings = ComposeSettings(method="masked", guidance_scale=guidance_scale, attention_res_divisor=divisor)
+    parts: dict[str, list[torch.Tensor]] = {"inputs": [], "timesteps": [], "prompts": [], "eps_cond": []}
+    for k, ((i, j), prompt) in enumerate(zip(pairs, prompts)):
+        plan = plan_one_prompt(prompt, [LoraConcept(triggers[i]), LoraConcept(triggers[j])], model.tokenizer)
+        lora_sets = pass_lora_sets(plan, {})
+        with LoraRuntime(model.targets(), [loras[i], loras[j]], [weights[i], weights[j]]) as runtime:
+            for start in range(0, trajectories, per_forward):
+                rows = noise[k * trajectories + start:k * trajectories + min(start + per_forward, trajectories)]
+                conditioning = encode_passes(model.encode, runtime, plan, lora_sets, "", rows.shape[0])
+                engine = MaskedLoraEngine(plan, settings, runtime, lora_sets, modules, steps,
+                                          vae_scale_factor=model.vae_scale_factor)
+
+                def step(n, x, sigma, timestep, k=k, engine=engine, conditioning=conditioning):
+                    progress.update("teacher", k * steps + n, len(pairs) * steps,
+                                    message=f"pair teacher: pair {k + 1}/{len(pairs)} composed, step {n + 1}/{steps}")
+                    model_input = (x / (1.0 + sigma**2) ** 0.5).to(model.dtype)
+                    guided = engine.step(n, model_input, torch.tensor(timestep, device=x.device), conditioning,
+                                         model.unet_eps).prediction.float()
+                    parts["inputs"].append(model_input.float().cpu())
+                    parts["eps_cond"].append(guided.cpu())
+                    parts["timesteps"].append(torch.full((x.shape[0],), timestep, dtype=torch.long))
+                    parts["prompts"].append(torch.full((x.shape[0],), first_prompt + k, dtype=torch.long))
+                    return x, x - sigma * guided
+
+                sample_steps(rows.to(model.device) * (1.0 + sigmas[0] ** 2) ** 0.5, sigmas, timesteps, step)
+    values = {key: torch.cat(value) for key, value in parts.items()}
+    return TeacherPool(**values, eps_uncond=torch.zeros_like(values["eps_cond"]),
+                       guided=torch.ones(len(values["timesteps"]), dtype=torch.bool))
 
 
 @dataclass
@@ -153,12 +231,14 @@ class DistillError(ValueError):
 
 def distill(
     model: ModelAccess, student: MixedDeltas, pool: TeacherPool, prompts: list[str], *,
-    iterations: int, lr: float, batch: int, draws_per_forward: int, seed: int, progress: Progress,
+    iterations: int, lr: float, batch: int, draws_per_forward: int, guidance_scale: float, seed: int,
+    progress: Progress,
 ) -> list[float]:
     """Train the student's mixes on the pool; returns the loss per iteration.
 
-    Loss: mean squared error of the noise on the concept's prompt plus on the empty prompt,
-    each draw at its trajectory's model input and timestep. A step's ``batch`` draws run in
+    Loss per draw, at its trajectory's model input and timestep: a single point's mean squared
+    error of the noise on the concept's prompt plus on the empty prompt; a pair point's of the
+    guided noise, divided by the guidance squared (the scale of one noise's error). A step's ``batch`` draws run in
     forwards of ``draws_per_forward`` (the memory plan's), their gradients summed, so what
     autograd keeps is bounded by the plan, not by the batch.
     """
@@ -174,7 +254,7 @@ def distill(
             grads = [torch.zeros_like(p) for p in parameters]
             value = 0.0
             for pick in picks:
-                loss = _loss(model, pool, prompts, pick) * (len(pick) / batch)
+                loss = _loss(model, pool, prompts, pick, guidance_scale) * (len(pick) / batch)
                 value += float(loss.detach())
                 if not math.isfinite(value):
                     raise DistillError(f"distillation diverged at step {iteration + 1} (loss {value}): lower --distill-lr")
@@ -189,11 +269,19 @@ def distill(
     return history
 
 
-def _loss(model: ModelAccess, pool: TeacherPool, prompts: list[str], pick: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of the student's noises (cond, uncond) at the picked pool points: one forward of 2 x draws rows."""
+def _loss(model: ModelAccess, pool: TeacherPool, prompts: list[str], pick: torch.Tensor, guidance_scale: float
+          ) -> torch.Tensor:
+    """The mean per-draw loss (see ``distill``) at the picked pool points: one forward of 2 x draws rows."""
     inputs = pool.inputs[pick].to(model.device, model.dtype)
     timesteps = pool.timesteps[pick].to(model.device)
-    cond = model.encode([prompts[int(c)] for c in pool.concepts[pick]] + [""] * len(pick))
+    cond = model.encode([prompts[int(c)] for c in pool.prompts[pick]] + [""] * len(pick))
     eps_cond, eps_uncond = model.unet_eps(torch.cat([inputs, inputs]), timesteps.repeat(2), cond).float().chunk(2)
-    return (F.mse_loss(eps_cond, pool.eps_cond[pick].to(eps_cond.device))
-            + F.mse_loss(eps_uncond, pool.eps_uncond[pick].to(eps_uncond.device)))
+    target_cond, target_uncond = pool.eps_cond[pick].to(eps_cond.device), pool.eps_uncond[pick].to(eps_cond.device)
+    guided = pool.guided[pick].to(eps_cond.device)  # (draws,) pair points
+
+    def per_draw(error: torch.Tensor) -> torch.Tensor:
+        return error.square().flatten(1).mean(dim=1)
+
+    single = per_draw(eps_cond - target_cond) + per_draw(eps_uncond - target_uncond)
+    composed = per_draw(eps_uncond + guidance_scale * (eps_cond - eps_uncond) - target_cond) / guidance_scale**2
+    return torch.where(guided, composed, single).mean()

@@ -47,7 +47,7 @@ from .memory import (
     plan_passes,
     stream_costs,
 )
-from .distill import MixedDeltas, distill, teacher_pool
+from .distill import MixedDeltas, TeacherPool, distill, pair_indices, pair_teacher_pool, teacher_pool
 from .end_to_end import end_to_end
 from .objective import MergeSettings
 from .report import ReportCollector, quality
@@ -246,21 +246,29 @@ class LoraclrMerge:
         per_trajectory = 2 * activation_bytes(unet_targets, unet_rows) * (size / capture) ** 2
         per_forward = max(1, min(settings.distill_trajectories, int(room // max(per_trajectory, 1))))
         started = time.perf_counter()
-        pool = teacher_pool(
-            self.model, [c.lora for c in self.concepts], [c.weight for c in self.concepts], self.prompts(),
-            size=size, steps=settings.capture_steps, trajectories=settings.distill_trajectories,
-            per_forward=per_forward, guidance_scale=settings.guidance_scale, seed=settings.seed, progress=self.progress)
+        loras, weights, prompts = [c.lora for c in self.concepts], [c.weight for c in self.concepts], self.prompts()
+        sampling = dict(size=size, steps=settings.capture_steps, per_forward=per_forward,
+                        guidance_scale=settings.guidance_scale, seed=settings.seed, progress=self.progress)
+        pool = teacher_pool(self.model, loras, weights, prompts, trajectories=settings.distill_trajectories, **sampling)
+        pairs = pair_indices(len(self.concepts)) if settings.distill_pair_trajectories else []
+        if pairs:
+            pair_prompts = [f"{prompts[i]} and {prompts[j]}" for i, j in pairs]
+            pool = TeacherPool.cat([pool, pair_teacher_pool(
+                self.model, loras, weights, [plain_trigger(c) for c in self.concepts], pair_prompts, pairs,
+                first_prompt=len(prompts), trajectories=settings.distill_pair_trajectories, **sampling)])
+            prompts = prompts + pair_prompts
         self.result.seconds["teacher"] = time.perf_counter() - started
         started = time.perf_counter()
         student = MixedDeltas(self.targets, {t: self.factors(t) for t in self.targets})
         self._stats_bytes = pool.nbytes() + 3 * student.nbytes()  # the pool, the mixes and Adam's two moments
         # as many draws per forward as their backward fits in what the budget leaves
         draws = max(1, min(settings.distill_batch, int((room - self._stats_bytes) // max(per_draw, 1))))
-        history = distill(self.model, student, pool, self.prompts(), iterations=settings.distill_iters,
+        history = distill(self.model, student, pool, prompts, iterations=settings.distill_iters,
                           lr=settings.distill_lr, batch=settings.distill_batch, draws_per_forward=draws,
-                          seed=settings.seed, progress=self.progress)
+                          guidance_scale=settings.guidance_scale, seed=settings.seed, progress=self.progress)
         self.result.seconds["distill"] = time.perf_counter() - started
-        self.result.distill = {"size": size, "capture_size": capture, "pool_samples": len(pool), "steps": len(history),
+        self.result.distill = {"size": size, "capture_size": capture, "pool_samples": len(pool),
+                               "pair_samples": int(pool.guided.sum()), "steps": len(history),
                                "draws_per_forward": draws, "backward_bytes_per_draw": int(per_draw), "loss_first": history[0],
                                "loss_last": history[-1], "loss_min": min(history)}
         for index, (target, module) in enumerate(self.targets.items()):

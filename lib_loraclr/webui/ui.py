@@ -46,6 +46,7 @@ MERGE_FIELDS = (
     ("distill_lr", "Learning rate (distill)", "number"),
     ("distill_batch", "Batch per step (distill)", "int"),
     ("distill_trajectories", "Teacher images per concept (distill)", "int"),
+    ("distill_pair_trajectories", "Composed teacher images per concept pair (distill; 0 = none)", "int"),
     ("guidance_scale", "Guidance of the teacher images (distill)", "number"),
     ("max_memory_gb", "Memory budget in GiB (0 = automatic)", "number"),
     ("report", "Measure the quality report (one more capture pass)", "bool"),
