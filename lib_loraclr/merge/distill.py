@@ -25,9 +25,8 @@ state is sum over layers of K^2 numbers, whatever the layers' widths.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +70,7 @@ class TeacherPool:
 
     @staticmethod
     def cat(pools: list["TeacherPool"]) -> "TeacherPool":
-        return TeacherPool(*(torch.cat([getattr(p, f.name) for p in pools]) for f in dataclasses.fields(TeacherPool)))
+        return TeacherPool(*(torch.cat([getattr(p, f.name) for p in pools]) for f in fields(TeacherPool)))
 
 
 def pair_indices(count: int) -> list[tuple[int, int]]:
