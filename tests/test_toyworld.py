@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.toyworld import judge, world
-from bench.toyworld.run import METHODS, parse_prompt, run
+from bench.toyworld.run import METHODS, main, parse_prompt, run
 from bench.toyworld.train_base import DEFAULT_OUT as BASE_DIR
 from bench.toyworld.train_loras import LORA_DIR
 
@@ -56,6 +56,7 @@ def test_judge_scores_known_answers():
     result = judge.score(world.render(bled), [_concept(0), _concept(1)])
     assert result["recall"] == 1.0 and result["fidelity"] == pytest.approx(5 / 6)
     assert result["bleeding"] == pytest.approx(1 / 6) and result["exact"] == 0.5
+    assert result["bleeding_drawn"] == pytest.approx(1 / 6)  # both drawn: the same as bleeding
 
     # a wrong colour nobody asked for is an error but not bleeding
     wrong = world.Scene([world.Obj("triangle", "green", "striped", x=2, y=4, size=11), quib.as_object(x=18, y=14)])
@@ -67,6 +68,11 @@ def test_judge_scores_known_answers():
     # quib missing: recall 1/2; the plain object of the prompt missing: alignment drops
     only_zorb = world.Scene([zorb.as_object(x=2, y=4)])
     assert judge.score(world.render(only_zorb), [_concept(0), _concept(1)])["recall"] == 0.5
+    # zorb in quib's colour and quib missing: bleeding over both concepts, per drawn object over zorb only
+    bled_alone = judge.score(world.render(world.Scene([world.Obj("triangle", "blue", "striped", x=2, y=4, size=11)])),
+                             [_concept(0), _concept(1)])
+    assert bled_alone["bleeding"] == pytest.approx(1 / 6) and bled_alone["bleeding_drawn"] == pytest.approx(1 / 3)
+    assert judge.score(world.render(world.Scene([])), [_concept(0), _concept(1)])["bleeding_drawn"] is None
     plain = {"shape": "square", "colour": "yellow", "pattern": "solid"}
     assert judge.score(world.render(only_zorb), [_concept(0), plain])["alignment"] == 0.5
     assert judge.score(world.render(world.Scene([])), [_concept(0)])["recall"] == 0.0
@@ -109,11 +115,16 @@ def test_reduced_benchmark_run(tmp_path):
     prompts = [parse_prompt("a quib and a zorb"), parse_prompt("a zorb and a dax")]
     results = run(counts=(2,), seeds=1, first_seed=5, prompts=prompts, methods=("stack", "loraclr", "distill", "clora", "masked"),
                   steps=4, out=str(tmp_path), log=lambda m: None, clora_refine_iters=1, capture_steps=4,
-                  merge_settings={"distill_iters": 3, "distill_trajectories": 1})
+                  merge_settings={"distill_iters": 3, "distill_trajectories": 1}, compose_settings={"warmup_steps": 2, "guidance_scale": 3.0})
     entry = results["by_count"]["2"]
     for method in ("single", "stack", "loraclr", "distill"):
         assert 0.0 <= entry[method]["single_prompts"]["fidelity"] <= 1.0
     assert results["settings"]["merge_settings"] == {"distill_iters": 3, "distill_trajectories": 1}
+    assert results["settings"]["compose_settings"] == {"warmup_steps": 2, "guidance_scale": 3.0}
+    assert "Bleeding per drawn object" in results["table"]
+    assert set(entry["stack"]["single_prompts_by_concept"]) == {"zorb", "quib"}
+    assert entry["stack"]["single_prompts_by_concept"]["zorb"]["images"] == 2  # "a zorb", "a zorb and a <plain>"
+    assert set(entry["masked"]["pair_prompts_by_prompt"]) == {"a quib and a zorb"}
     for method in ("clora", "masked"):
         assert entry[method]["pair_prompts"]["images"] == 1  # "a zorb and a dax" needs 3 concepts loaded
         assert 0.0 <= entry[method]["mask_iou"] <= 1.0 and len(entry[method]["mask_iou_by_step"]) == 4
@@ -127,6 +138,13 @@ def test_reduced_benchmark_run(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["counts"] == [2]
     assert set(METHODS) == {"stack", "svd", "lsq", "loraclr", "distill", "clora", "masked"}
+
+
+@pytest.mark.parametrize("option", ["--compose-setting", "--merge-setting"])
+def test_benchmark_refuses_bad_settings_before_any_work(option, capsys):
+    with pytest.raises(SystemExit):
+        main([option, "warmup_steps=-1" if option == "--compose-setting" else "distill_iters=-1"])
+    assert option in capsys.readouterr().err
 
 
 def test_mask_iou_compares_each_subject_mask_with_its_object():

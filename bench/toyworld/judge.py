@@ -17,7 +17,8 @@ to found ones (the assignment with the most matching attributes). For each reque
 recall (its object is found with at least 2 of its 3 attributes), fidelity (share of its 3
 attributes right on its object; 0 when not found), exact (all 3 right); bleeding (share of its
 attributes that are wrong and take the value another concept of the request or of the loaded
-LoRA set has). Alignment: the caption's other content, i.e. each non-concept object found exactly,
+LoRA set has; 0 when not found); bleeding_drawn (the same, over the concepts whose object was
+found only: a method that draws nothing has no bleeding, but none per drawn object). Alignment: the caption's other content, i.e. each non-concept object found exactly,
 the background, and the style's hollowness, averaged.
 """
 
@@ -212,6 +213,7 @@ def score(image: np.ndarray, wanted: list[dict], *, background: str = "black", h
                 "fidelity": right / len(ATTRIBUTES),
                 "exact": float(right == len(ATTRIBUTES)),
                 "bleeding": len(bled) / len(ATTRIBUTES),
+                "bleeding_drawn": None if got is None else len(bled) / len(ATTRIBUTES),
                 "pixels": None if got is None else got.pixels,
             })
         else:
@@ -221,13 +223,15 @@ def score(image: np.ndarray, wanted: list[dict], *, background: str = "black", h
         alignment.append(float(bool(found) and all(f.hollow == hollow for f in found)))
 
     def mean(key):
-        return float(np.mean([c[key] for c in per_concept])) if per_concept else None
+        values = [c[key] for c in per_concept if c[key] is not None]
+        return float(np.mean(values)) if values else None
 
     return {
         "recall": mean("recall"),
         "fidelity": mean("fidelity"),
         "exact": mean("exact"),
         "bleeding": mean("bleeding"),
+        "bleeding_drawn": mean("bleeding_drawn"),
         "alignment": float(np.mean(alignment)),
         "count_ok": float(len(found) == len(wanted)),
         "objects_found": len(found),

@@ -62,7 +62,7 @@ PROMPT_TEMPLATE = "a {}"  # the merges' concept prompts, in the world's caption 
 METHODS = ("stack", "svd", "lsq", "loraclr", "distill", "clora", "masked")
 ALL_METHODS = METHODS + tuple(m for m in COMPOSITIONS if m not in METHODS)
 MERGES = ("svd", "lsq", "loraclr")
-METRICS = ("recall", "fidelity", "exact", "bleeding", "alignment")
+METRICS = ("recall", "fidelity", "exact", "bleeding", "bleeding_drawn", "alignment")
 
 
 def plain_object(concept: Concept) -> dict:
@@ -121,7 +121,7 @@ def judge_all(images, jobs, loaded: list[int]) -> list[dict]:
         others = [CONCEPTS[k].attributes() for k in loaded if k not in job["concepts"]]
         result = score(image, job["wanted"], other_concepts=others, **job.get("judge", {}))
         rows.append({"prompt": job["prompt"], "seed": job["seed"], **{m: result[m] for m in METRICS},
-                     "found": result["found"]})
+                     "found": result["found"], "concepts": "+".join(CONCEPTS[k].trigger for k in job["concepts"])})
     return rows
 
 
@@ -132,6 +132,14 @@ def mean_scores(rows: list[dict]) -> dict:
         values = [r[metric] for r in rows if r[metric] is not None]
         means[metric] = round(float(np.mean(values)), 4) if values else None
     return means | {"images": len(rows)}
+
+
+def by_key(rows: list[dict], key) -> dict:
+    """``mean_scores`` per group of rows (e.g. per prompt): which pair or concept a mean hides."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(key(row), []).append(row)
+    return {name: mean_scores(group) for name, group in groups.items()}
 
 
 def with_style(prompts: list[dict], style: Style | None) -> list[dict]:
@@ -240,15 +248,16 @@ def plain_cost(model, jobs, steps) -> dict:
 def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), seeds: int = 2,
         methods=METHODS, steps: int = STEPS, out: str | None = None, log=print,
         clora_refine_iters: int = 4, capture_steps: int = 20, first_seed: int = 0,
-        prompts: list[dict] | None = None, style: Style | None = None, merge_settings: dict | None = None) -> dict:
+        prompts: list[dict] | None = None, style: Style | None = None, merge_settings: dict | None = None,
+        compose_settings: dict | None = None) -> dict:
     started = time.time()
     model = load_base(base)
     needed = max(counts)
     lora_files = [read_lora(os.path.join(lora_dir, f"{c.trigger}.safetensors")) for c in CONCEPTS[:needed]]
     extra = [read_lora(os.path.join(lora_dir, style_file(style)))] if style else []  # a global style on every image
     # maps at 8x8 (the UNet's first level); the paper's 20 refinement iterations cost too much CPU time
-    clora_settings = ComposeSettings(attention_res_divisor=SIZE // 8, guidance_scale=GUIDANCE,
-                                     refinement_iters=clora_refine_iters)
+    clora_settings = ComposeSettings(**{"attention_res_divisor": SIZE // 8, "guidance_scale": GUIDANCE,
+                                        "refinement_iters": clora_refine_iters, **(compose_settings or {})})
     images_for_grid: dict = {}
 
     # the single-LoRA reference: each concept's LoRA alone on its own prompts
@@ -262,6 +271,7 @@ def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), 
                             "methods": list(methods), "steps": steps,
                             "multi_concept_prompts": None if prompts is None else [p["prompt"] for p in prompts],
                             "style": None if style is None else style.trigger, "merge_settings": merge_settings or {},
+                            "compose_settings": compose_settings or {},
                             "guidance": GUIDANCE, "clora_refinement_iters": clora_refine_iters, "base": base, "concepts": [c.__dict__ for c in CONCEPTS[:needed]]},
                "by_count": {}}
     with tempfile.TemporaryDirectory() as scratch:
@@ -311,9 +321,11 @@ def run(base: str = BASE_DIR, lora_dir: str = LORA_DIR, counts=(2, 3, 4, 6, 8), 
                 if method not in COMPOSITIONS:
                     pair_rows = judge_all(pair_images, pair_jobs, loaded)
                 entry[method] = {**info, "pair_prompts": mean_scores(pair_rows),
+                                 "pair_prompts_by_prompt": by_key(pair_rows, lambda row: row["prompt"]),
                                  "seconds": round(time.time() - t0, 1)}
                 if single_rows is not None:
                     entry[method]["single_prompts"] = mean_scores(single_rows)
+                    entry[method]["single_prompts_by_concept"] = by_key(single_rows, lambda row: row["concepts"])
                 grid[method] = (all_images[:len(single_jobs)] if method not in COMPOSITIONS else None, pair_images)
                 log(f"N={count} {method}: {time.time() - t0:.0f}s")
             if "stack" in entry and stacked_report is not None:
@@ -404,6 +416,11 @@ def format_table(results: dict) -> str:
         cells = [" / ".join(_number(entry[m]["pair_prompts"][k]) for k in ("fidelity", "recall", "bleeding"))
                  for m in methods]
         lines.append(f"| {count} | {_number(ref)} | " + " | ".join(cells) + " |")
+    # why stacking's bleeding can be low: it draws few of the objects; per drawn object it is not
+    lines += _section("Bleeding per drawn object (over the concepts whose object was found): single LoRA on its "
+                      "own single prompts (its error floor), each method on the multi-concept prompts",
+                      ["single"] + methods, by_count, lambda info: _number(
+                          (info.get("pair_prompts") or info.get("single_prompts") or {}).get("bleeding_drawn")))
     if composed:
         def composition_cell(info):
             steps = info.get("mask_iou_by_step") or []
@@ -447,13 +464,12 @@ def main(argv=None):
                         help="CLoRA refinement iterations at its refinement steps (paper: 20; 4 keeps CPU time sane)")
     parser.add_argument("--merge-setting", action="append", default=[], metavar="NAME=JSON",
                         help="a merge setting for every merge method, e.g. distill_iters=600 (repeatable)")
+    parser.add_argument("--compose-setting", action="append", default=[], metavar="NAME=JSON",
+                        help="a composition setting for every composition method, e.g. warmup_steps=2 (repeatable)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
-        merge_settings = {name: json.loads(value) for name, value in (s.split("=", 1) for s in args.merge_setting)}
-        MergeSettings(**merge_settings)
-    except (ValueError, TypeError) as error:
-        parser.error(f"--merge-setting: {error}")
+    merge_settings = _settings(parser, "--merge-setting", args.merge_setting, MergeSettings)
+    compose_settings = _settings(parser, "--compose-setting", args.compose_setting, ComposeSettings)
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(ALL_METHODS)
     if unknown:
@@ -471,9 +487,19 @@ def main(argv=None):
                   log=lambda m: print(m, flush=True), clora_refine_iters=args.clora_refine_iters,
                   first_seed=args.first_seed, prompts=prompts,
                   style=next((s for s in STYLES if s.trigger.split()[0] == args.style), None),
-                  merge_settings=merge_settings)
+                  merge_settings=merge_settings, compose_settings=compose_settings)
     print(results["table"])
     print(f"wrote {args.out}/results.json, table.txt, plot.png, grid.png ({results['seconds']:.0f}s)")
+
+
+def _settings(parser, option: str, values: list[str], settings_type) -> dict:
+    """NAME=JSON options -> a dict of settings, checked by the settings type itself."""
+    try:
+        settings = {name: json.loads(value) for name, value in (v.split("=", 1) for v in values)}
+        settings_type(**settings)
+    except (ValueError, TypeError) as error:
+        parser.error(f"{option}: {error}")
+    return settings
 
 
 if __name__ == "__main__":

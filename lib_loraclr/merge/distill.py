@@ -81,6 +81,47 @@ def pair_indices(count: int) -> list[tuple[int, int]]:
     return [(0, 1)] if count == 2 else [(i, (i + 1) % count) for i in range(count)]
 
 
+class _Trajectories:
+    """Seeded teacher trajectories on the sampling schedule, recording every step's model input,
+    timestep, prompt index and the noises a teacher predicts into one ``TeacherPool``.
+
+    Why one recorder: the single and the pair teachers differ only in how a step's noise is
+    predicted; the schedule, the seeded rows and what the pool keeps must be the same."""
+
+    def __init__(self, model: ModelAccess, *, size: int, steps: int, rows: int, seed: int):
+        self.model = model
+        self.timesteps = trailing_timesteps(len(model.alphas_cumprod), steps)
+        self.sigmas = sigmas_for(model.alphas_cumprod, self.timesteps).tolist()
+        self.latent = size // model.vae_scale_factor
+        self.noise = initial_noise((rows, model.latent_channels, self.latent, self.latent), seed)  # (rows, C, h, w)
+        self.parts: dict[str, list[torch.Tensor]] = {}
+
+    def sample(self, first_row: int, count: int, prompt_index: int, predict) -> None:
+        """Sample noise rows first_row .. first_row + count - 1 (Euler on the guided noise).
+
+        predict(step, model_input, timestep) -> (guided eps (count, C, h, w), {pool field: tensor}).
+        """
+        model = self.model
+
+        def step(n, x, sigma, timestep):
+            model_input = (x / (1.0 + sigma**2) ** 0.5).to(model.dtype)
+            guided, recorded = predict(n, model_input, timestep)
+            for key, value in {"inputs": model_input.float(), **recorded,
+                               "timesteps": torch.full((count,), timestep, dtype=torch.long),
+                               "prompts": torch.full((count,), prompt_index, dtype=torch.long)}.items():
+                self.parts.setdefault(key, []).append(value.cpu())
+            return x, x - sigma * guided
+
+        rows = self.noise[first_row:first_row + count].to(model.device)
+        sample_steps(rows * (1.0 + self.sigmas[0] ** 2) ** 0.5, self.sigmas, self.timesteps, step)
+
+    def pool(self, *, guided: bool) -> TeacherPool:
+        values = {key: torch.cat(value) for key, value in self.parts.items()}
+        if "eps_uncond" not in values:
+            values["eps_uncond"] = torch.zeros_like(values["eps_cond"])
+        return TeacherPool(**values, guided=torch.full((len(values["timesteps"]),), guided, dtype=torch.bool))
+
+
 @torch.no_grad()
 def teacher_pool(
     model: ModelAccess, loras: list[LoraFile], weights: list[float], prompts: list[str], *,
@@ -88,34 +129,23 @@ def teacher_pool(
 ) -> TeacherPool:
     """Sample each concept ``trajectories`` times with its own LoRA (classifier-free guided),
     ``per_forward`` trajectories at a time (the memory plan's); each keeps its row of one seeded noise."""
-    timesteps = trailing_timesteps(len(model.alphas_cumprod), steps)
-    sigmas = sigmas_for(model.alphas_cumprod, timesteps).tolist()
-    latent = size // model.vae_scale_factor
-    noise = initial_noise((len(loras) * trajectories, model.latent_channels, latent, latent), seed)
-    parts: dict[str, list[torch.Tensor]] = {"inputs": [], "timesteps": [], "prompts": [], "eps_cond": [], "eps_uncond": []}
+    recorder = _Trajectories(model, size=size, steps=steps, rows=len(loras) * trajectories, seed=seed)
     for i, (lora, weight, prompt) in enumerate(zip(loras, weights, prompts)):
         with LoraRuntime(model.targets(), [lora], [weight]):
             for start in range(0, trajectories, per_forward):
-                rows = noise[i * trajectories + start:i * trajectories + min(start + per_forward, trajectories)]
-                count = rows.shape[0]
+                count = min(per_forward, trajectories - start)
                 cond = Conditioning.cat([model.encode([""] * count), model.encode([prompt] * count)])
 
-                def step(k, x, sigma, timestep, i=i, cond=cond, count=count):
-                    progress.update("teacher", i * steps + k, len(loras) * steps,
-                                    message=f"teacher: concept {i + 1}/{len(loras)} with its own LoRA, step {k + 1}/{steps}")
-                    model_input = (x / (1.0 + sigma**2) ** 0.5).to(model.dtype)
-                    t = torch.full((2 * count,), timestep, dtype=torch.long, device=x.device)
+                def predict(n, model_input, timestep, i=i, cond=cond, count=count):
+                    progress.update("teacher", i * steps + n, len(loras) * steps,
+                                    message=f"teacher: concept {i + 1}/{len(loras)} with its own LoRA, step {n + 1}/{steps}")
+                    t = torch.full((2 * count,), timestep, dtype=torch.long, device=model_input.device)
                     eps_uncond, eps_cond = model.unet_eps(torch.cat([model_input, model_input]), t, cond).float().chunk(2)
-                    parts["inputs"].append(model_input.float().cpu())
-                    parts["eps_cond"].append(eps_cond.cpu())
-                    parts["eps_uncond"].append(eps_uncond.cpu())
-                    parts["timesteps"].append(t[:count].cpu())
-                    parts["prompts"].append(torch.full((count,), i, dtype=torch.long))
-                    return x, x - sigma * (eps_uncond + guidance_scale * (eps_cond - eps_uncond))
+                    guided = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+                    return guided, {"eps_cond": eps_cond, "eps_uncond": eps_uncond}
 
-                sample_steps(rows.to(model.device) * (1.0 + sigmas[0] ** 2) ** 0.5, sigmas, timesteps, step)
-    values = {key: torch.cat(value) for key, value in parts.items()}
-    return TeacherPool(**values, guided=torch.zeros(len(values["timesteps"]), dtype=torch.bool))
+                recorder.sample(i * trajectories + start, count, i, predict)
+    return recorder.pool(guided=False)
 
 
 @torch.no_grad()
@@ -126,45 +156,35 @@ def pair_teacher_pool(
 ) -> TeacherPool:
     """Sample each pair's prompt ``prompts[k]`` with the single-pass composition of its two LoRAs
     (subjects: the triggers), recording the guided noise; its points index ``first_prompt + k``."""
-    timesteps = trailing_timesteps(len(model.alphas_cumprod), steps)
-    sigmas = sigmas_for(model.alphas_cumprod, timesteps).tolist()
-    latent = size // model.vae_scale_factor
-    noise = initial_noise((len(pairs) * trajectories, model.latent_channels, latent, latent), seed + 1)
+    recorder = _Trajectories(model, size=size, steps=steps, rows=len(pairs) * trajectories, seed=seed + 1)
     modules = cross_attention_modules(model.unet)
 
     def probe():  # one base-model forward at this size: which resolutions have cross-attention
-        probe_latent = torch.zeros(1, model.latent_channels, latent, latent, device=model.device, dtype=model.dtype)
-        model.unet_eps(probe_latent, torch.tensor([int(timesteps[0])], device=model.device), model.encode([""]))
+        probe_latent = torch.zeros(1, model.latent_channels, recorder.latent, recorder.latent,
+                                   device=model.device, dtype=model.dtype)
+        model.unet_eps(probe_latent, torch.tensor([int(recorder.timesteps[0])], device=model.device), model.encode([""]))
 
-    divisor = map_divisor(modules, probe, latent, model.vae_scale_factor)
+    divisor = map_divisor(modules, probe, recorder.latent, model.vae_scale_factor)
     settings = ComposeSettings(method="masked", guidance_scale=guidance_scale, attention_res_divisor=divisor)
-    parts: dict[str, list[torch.Tensor]] = {"inputs": [], "timesteps": [], "prompts": [], "eps_cond": []}
     for k, ((i, j), prompt) in enumerate(zip(pairs, prompts)):
         plan = plan_one_prompt(prompt, [LoraConcept(triggers[i]), LoraConcept(triggers[j])], model.tokenizer)
         lora_sets = pass_lora_sets(plan, {})
         with LoraRuntime(model.targets(), [loras[i], loras[j]], [weights[i], weights[j]]) as runtime:
             for start in range(0, trajectories, per_forward):
-                rows = noise[k * trajectories + start:k * trajectories + min(start + per_forward, trajectories)]
-                conditioning = encode_passes(model.encode, runtime, plan, lora_sets, "", rows.shape[0])
+                count = min(per_forward, trajectories - start)
+                conditioning = encode_passes(model.encode, runtime, plan, lora_sets, "", count)
                 engine = MaskedLoraEngine(plan, settings, runtime, lora_sets, modules, steps,
                                           vae_scale_factor=model.vae_scale_factor)
 
-                def step(n, x, sigma, timestep, k=k, engine=engine, conditioning=conditioning):
+                def predict(n, model_input, timestep, k=k, engine=engine, conditioning=conditioning):
                     progress.update("teacher", k * steps + n, len(pairs) * steps,
                                     message=f"pair teacher: pair {k + 1}/{len(pairs)} composed, step {n + 1}/{steps}")
-                    model_input = (x / (1.0 + sigma**2) ** 0.5).to(model.dtype)
-                    guided = engine.step(n, model_input, torch.tensor(timestep, device=x.device), conditioning,
-                                         model.unet_eps).prediction.float()
-                    parts["inputs"].append(model_input.float().cpu())
-                    parts["eps_cond"].append(guided.cpu())
-                    parts["timesteps"].append(torch.full((x.shape[0],), timestep, dtype=torch.long))
-                    parts["prompts"].append(torch.full((x.shape[0],), first_prompt + k, dtype=torch.long))
-                    return x, x - sigma * guided
+                    guided = engine.step(n, model_input, torch.tensor(timestep, device=model_input.device),
+                                         conditioning, model.unet_eps).prediction.float()
+                    return guided, {"eps_cond": guided}
 
-                sample_steps(rows.to(model.device) * (1.0 + sigmas[0] ** 2) ** 0.5, sigmas, timesteps, step)
-    values = {key: torch.cat(value) for key, value in parts.items()}
-    return TeacherPool(**values, eps_uncond=torch.zeros_like(values["eps_cond"]),
-                       guided=torch.ones(len(values["timesteps"]), dtype=torch.bool))
+                recorder.sample(k * trajectories + start, count, first_prompt + k, predict)
+    return recorder.pool(guided=True)
 
 
 @dataclass
