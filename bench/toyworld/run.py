@@ -38,6 +38,7 @@ from lib_loraclr.compose.pipeline import CLoRAPipeline
 from lib_loraclr.compose.settings import ComposeSettings
 from lib_loraclr.hosts.diffusers import load_base
 from lib_loraclr.lora.reader import read_lora
+from lib_loraclr.merge.distill import pair_indices
 from lib_loraclr.merge.engine import Concept as MergeConcept
 from lib_loraclr.merge.objective import MergeSettings
 from lib_loraclr.merge.pipeline import merge_to_file
@@ -109,10 +110,10 @@ def parse_prompt(text: str) -> dict:
 
 
 def pair_prompts(count: int) -> list[dict]:
-    pairs = [(0, 1)] if count == 2 else [(k, (k + 1) % count) for k in range(count)]
+    """The merge's pair teacher's pairs (each concept with the next), as prompts to judge."""
     return [{"prompt": f"a {CONCEPTS[i].trigger} and a {CONCEPTS[j].trigger}", "concepts": [i, j],
              "wanted": [{**CONCEPTS[i].attributes(), "concept": True}, {**CONCEPTS[j].attributes(), "concept": True}]}
-            for i, j in pairs]
+            for i, j in pair_indices(count)]
 
 
 def judge_all(images, jobs, loaded: list[int]) -> list[dict]:

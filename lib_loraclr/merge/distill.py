@@ -117,8 +117,6 @@ class _Trajectories:
 
     def pool(self, *, guided: bool) -> TeacherPool:
         values = {key: torch.cat(value) for key, value in self.parts.items()}
-        if "eps_uncond" not in values:
-            values["eps_uncond"] = torch.zeros_like(values["eps_cond"])
         return TeacherPool(**values, guided=torch.full((len(values["timesteps"]),), guided, dtype=torch.bool))
 
 
@@ -181,7 +179,7 @@ def pair_teacher_pool(
                                     message=f"pair teacher: pair {k + 1}/{len(pairs)} composed, step {n + 1}/{steps}")
                     guided = engine.step(n, model_input, torch.tensor(timestep, device=model_input.device),
                                          conditioning, model.unet_eps).prediction.float()
-                    return guided, {"eps_cond": guided}
+                    return guided, {"eps_cond": guided, "eps_uncond": torch.zeros_like(guided)}
 
                 recorder.sample(k * trajectories + start, count, first_prompt + k, predict)
     return recorder.pool(guided=True)
