@@ -198,3 +198,46 @@ def test_each_lora_follows_its_subjects_region_and_global_styles_none(tiny_sd1):
     assert lora_regions(plan, pass_lora_sets(plan, {2: None})) == {0: (0,), 1: (1,)}  # global style: everywhere
     assert lora_regions(plan, pass_lora_sets(plan, {2: [1]})) == {0: (0,), 1: (1,), 2: (1,)}
     assert lora_regions(plan, pass_lora_sets(plan, {2: [0, 1]}))[2] == (0, 1)
+
+
+def test_warmup_then_layout_stripes_then_maps_route_the_steps(tiny_sd1, loras, monkeypatch):
+    """Step 0 base only, steps 1-2 the fixed stripes (25 of 50 reference steps at 4 steps is 2),
+    step 3 the previous step's attention masks."""
+    routed = []
+    update = RegionRouter.update
+    monkeypatch.setattr(RegionRouter, "update", lambda self, masks: (routed.append(masks.clone()), update(self, masks))[1])
+    settings = ComposeSettings(method="masked", attention_res_divisor=16, guidance_scale=5.0, warmup_steps=1, layout_steps=25)
+    result = CLoRAPipeline(tiny_sd1)(PROMPT, CONCEPTS, loras, steps=4, height=64, width=64, settings=settings,
+                                     decode=False, keep_mask_history=True)
+    assert len(routed) == 4 and all(m.shape == (2, 1, 1, 8, 8) for m in routed)
+    assert not routed[0].any()  # warm-up: neither subject LoRA in the image layers
+    left, right = torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8)
+    left[..., :4], right[..., 4:] = 1.0, 1.0
+    for masks in routed[1:3]:  # "a cat and a dog": the cat (first row) left, the dog right
+        assert torch.equal(masks[0], left) and torch.equal(masks[1], right)
+    torch.testing.assert_close(routed[3], result.mask_history[2][1:])  # then step 2's maps
+
+
+def test_stripes_run_along_the_longer_side_and_leave_the_base_pass_empty():
+    from lib_loraclr.compose.masked import stripe_masks
+
+    wide = stripe_masks(4, [1, 2, 3], 2, (2, 6))
+    assert wide.shape == (4, 2, 1, 2, 6) and not wide[0].any()
+    assert [wide[p, 0, 0, 0].tolist() for p in (1, 2, 3)] == [[1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1]]
+    tall = stripe_masks(3, [1, 2], 1, (5, 3))
+    assert tall[1, 0, 0, :, 0].tolist() == [1, 1, 0, 0, 0] and tall[2, 0, 0, :, 2].tolist() == [0, 0, 1, 1, 1]
+    assert torch.equal(tall.sum(dim=0), torch.ones(1, 1, 5, 3))
+
+
+def test_layout_defaults_for_requests_but_old_infotexts_ran_without_one():
+    request = ComposeRequest((ConceptRow("cat_lora", "cat"), ConceptRow("dog_lora", "dog")))
+    values = request.to_dict()
+    del values["settings"]["layout_steps"]
+    assert ComposeRequest.from_dict(values).settings.layout_steps == ComposeSettings().layout_steps > 0
+    import json
+    assert ComposeRequest.from_infotext(json.dumps(values)).settings.layout_steps == 0
+    assert ComposeSettings(layout_steps=8).layout_until(20) == 3 and ComposeSettings(layout_steps=8).layout_until(50) == 8
+    assert ComposeSettings(warmup_steps=2, layout_steps=50).layout_until(10) == 10
+    values["settings"]["layout_steps"] = 1.5
+    with pytest.raises(InputError, match="settings.layout_steps"):
+        ComposeRequest.from_dict(values)

@@ -148,11 +148,11 @@ def test_composition_request_is_typed(payload, message):
 
 def test_composition_enabled_must_be_a_boolean_in_both_argument_forms():
     for args in ([{"enabled": "false", "concepts": [{"lora": "cat", "words": "cat"}]}],
-                 ["false"] + [""] * 31):
+                 ["false"] + [""] * 32):
         with pytest.raises(InputError) as error:
             request_from_args(args)
         assert str(error.value) == "composition request: enabled: value is not a valid boolean"
-    with pytest.raises(ValueError, match="takes one object or 32 values, got 3"):
+    with pytest.raises(ValueError, match="takes one object or 33 values, got 3"):
         request_from_args([True, "cat", "cat"])
 
 
@@ -413,6 +413,7 @@ def test_compose_cli_options_are_bounded_before_loading(tmp_path, capsys):
     for extra, message in (
         (["--out", str(tmp_path / "x.png"), "--step-size", "inf"], "error: --step-size: must be a finite number"),
         (["--out", str(tmp_path / "x.png"), "--steps", "100000"], "error: --steps: ensure this value is less than or equal to 1000"),
+        (["--out", str(tmp_path / "x.png"), "--layout-steps", "-1"], "error: --layout-steps: ensure this value is greater than or equal to 0"),
         (["--out", str(tmp_path / "x.png"), "--size", "100000"], "error: --size: ensure this value is less than or equal to 2048"),
         (["--out", str(tmp_path / "x.png"), "--save-masks", str(tmp_path / "x.png")],
          f"error: the masks {tmp_path / 'x.png'} and the image are the same file"),

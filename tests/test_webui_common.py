@@ -95,7 +95,7 @@ def test_compose_request_round_trips_through_infotext_and_api_form():
 def test_script_arguments_from_the_ui_and_from_the_api():
     defaults = ComposeSettings()
     rows = ["cat_lora", "cat", "sks", 0.5, "dog_lora", "dog", "", 1.0] + ["", "", "", 1.0] * (MAX_CONCEPT_ROWS - 2)
-    settings = ["masked", defaults.step_size, defaults.temperature, 12, 3, 0.4, 16, True, False, False, 2]
+    settings = ["masked", defaults.step_size, defaults.temperature, 12, 3, 0.4, 16, True, False, False, 2, 5]
     args = [True, *rows, "", "", 1.0, *settings, True]
     request = request_from_args(args)
     assert [r.lora for r in request.concepts] == ["cat_lora", "dog_lora"]
@@ -103,7 +103,7 @@ def test_script_arguments_from_the_ui_and_from_the_api():
     assert request.settings.max_iter_to_alter == 12 and request.settings.attention_res_divisor == 16
     assert request.settings.use_masks is False and request.show_masks is True
     assert request.settings.method == "masked" and request.settings.exclusive_masks is False
-    assert request.settings.warmup_steps == 2
+    assert request.settings.warmup_steps == 2 and request.settings.layout_steps == 5
     assert request_from_args([False, *args[1:]]) is None
     api = request_from_args([{"enabled": True, **request.to_dict()}])
     assert api == request
@@ -146,7 +146,9 @@ def test_session_encodes_per_pass_and_leaves_no_hooks(tiny_sd1, lora_folder):
     assert not any(m._forward_hooks for m in tiny_sd1.targets().values())
     engine = session.engine(10, 7.0)
     assert engine.settings.guidance_scale == 7.0
-    assert session.engine(10, 7.0, latent_updates=False).updates_at(0) == 0
+    assert session.engine(10, 7.0, forms_layout=False).updates_at(0) == 0
+    assert session.engine(10, 7.0).settings.layout_steps == 8  # the hires pass (below) lays nothing out
+    assert session.engine(10, 7.0, forms_layout=False).settings.layout_steps == 0
     latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with session.runtime.attached():
         result = engine.step(0, latent, torch.tensor(500), session.conditioning, tiny_sd1.unet_eps)

@@ -13,8 +13,9 @@ fidelity against 0.49 for this one, on the same images.
 Masks: one owner per pixel (``fusion.exclusive_masks``) from the previous step's maps of each
 subject's words, trigger and end-of-text token, read with the pass's queries against the
 subject's own conditioning (``attention.ProbeCapture``); step i is routed by step i-1's maps.
-The first ``warmup_steps`` give the whole image to the base pass to form the first maps;
-without warm-up, step 0 shares every pixel evenly.
+The first ``warmup_steps`` give the whole image to the base pass; the next ``layout_steps``
+give each subject a fixed stripe (``stripe_masks``), so that two subjects start as two objects
+before their maps route them.
 """
 
 from __future__ import annotations
@@ -48,6 +49,24 @@ def lora_regions(plan: ConceptPlan, lora_sets: Sequence[frozenset[int]]) -> dict
     return {lora: tuple(sorted(groups)) for lora, groups in regions.items() if groups is not None}
 
 
+def stripe_masks(passes: int, subject_passes: Sequence[int], batch: int, latent_hw: tuple[int, int],
+                 device=None) -> torch.Tensor:
+    """(passes, B, 1, h, w) one-hot masks: subject g owns the g-th of equal stripes along the longer side.
+
+    Stripes run left to right (top to bottom when the latent is taller than wide); the base
+    pass (and any pass not listed) owns nothing.
+    """
+    height, width = latent_hw
+    along_width = width >= height
+    side = width if along_width else height
+    masks = torch.zeros(passes, batch, 1, height, width, device=device)
+    for g, p in enumerate(subject_passes):
+        start, stop = (k * side // len(subject_passes) for k in (g, g + 1))
+        stripe = masks[p, ..., start:stop] if along_width else masks[p, ..., start:stop, :]
+        stripe.fill_(1.0)
+    return masks
+
+
 class MaskedLoraEngine(StepEngine):
     """Single-pass composition for one generation: call ``step`` once per denoising step.
 
@@ -73,6 +92,7 @@ class MaskedLoraEngine(StepEngine):
             raise ValueError("the single-pass composition needs one prompt for every subject (plan_one_prompt)")
         super().__init__(plan, settings, runtime, lora_sets, attention_modules, vae_scale_factor)
         self.warmup_steps = min(settings.warmup_steps, num_steps)
+        self.layout_until = settings.layout_until(num_steps)
         self.subject_passes = [i for i, p in enumerate(plan.passes) if p.lora_index is not None]
         self._regions = lora_regions(plan, self.lora_sets)
         # a subject's map: its words, trigger and end-of-text token in its own pass's encoding
@@ -97,6 +117,8 @@ class MaskedLoraEngine(StepEngine):
         if step_index < self.warmup_steps:  # base only: the subjects' maps form without their LoRAs in the image
             masks = torch.zeros_like(masks)
             masks[0] = 1.0
+        elif step_index < self.layout_until:
+            masks = stripe_masks(len(self.plan.passes), self.subject_passes, masks.shape[1], latent_hw, masks.device)
         router.update(masks[1:])
         query_count = self.settings.query_count(latent_hw, self.vae_scale_factor)
         probes = [(conditioning.conds[p].context, partial(self._own_keys, self.lora_sets[p])) for p in self.subject_passes]

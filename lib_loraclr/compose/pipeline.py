@@ -281,6 +281,7 @@ def cmd_compose(args) -> int:
         guidance_scale=args.guidance, step_size=args.step_size, mask_threshold=args.mask_threshold,
         attention_res_divisor=args.attention_divisor, use_latent_update=not args.no_latent_update,
         use_masks=not args.no_masks, method=args.method, warmup_steps=args.warmup_steps,
+        layout_steps=args.layout_steps,
         exclusive_masks=not args.union_masks,
     )
     try:
@@ -340,6 +341,9 @@ def add_compose_command(subparsers, parents=()):
                              "mask; clora: one UNet pass per LoRA fused by masks (the paper)")
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
                         help="masked: first steps without the subject LoRAs, to form the first masks")
+    parser.add_argument("--layout-steps", type=int, default=defaults.layout_steps,
+                        help="masked: then this many steps (of 50, rescaled) with each subject in its own stripe "
+                             "of the image, in --lora order, left to right (0: none)")
     parser.add_argument("--union-masks", action="store_true",
                         help="clora: the paper's overlapping masks instead of one subject per pixel")
     parser.add_argument("--device", default="cpu", type=device_name, help="cpu, cuda, cuda:1 ...")

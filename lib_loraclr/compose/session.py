@@ -34,7 +34,7 @@ from .settings import ComposeSettings
 # The settings a WebUI user sets; guidance comes from the host's own CFG scale.
 USER_SETTINGS = (
     "method", "step_size", "temperature", "max_iter_to_alter", "refinement_iters", "mask_threshold",
-    "attention_res_divisor", "use_latent_update", "use_masks", "exclusive_masks", "warmup_steps",
+    "attention_res_divisor", "use_latent_update", "use_masks", "exclusive_masks", "warmup_steps", "layout_steps",
 )
 MAX_SUBJECTS = 4  # the txt2img script has this many rows; the API and infotext are held to it too
 Phrase = text(max_length=200)
@@ -109,6 +109,9 @@ class ComposeRequest:
             values = json.loads(infotext)
         except (ValueError, RecursionError) as error:
             raise ValueError(f"the LoRACLR infotext field is not valid JSON ({error})") from None
+        if isinstance(values, dict) and isinstance(values.get("settings"), dict):
+            # written before the layout existed: it ran without one, so a pasted image reproduces
+            values["settings"].setdefault("layout_steps", 0)
         return cls.from_dict(values)
 
     def style_groups(self) -> list[int] | None:
@@ -184,13 +187,18 @@ class ComposeSession:
         self.last_masks: torch.Tensor | None = None  # (P, B, 1, h, w) of the latest step
 
     def engine(
-        self, num_steps: int, guidance_scale: float, *, latent_updates: bool = True, grad_context=nullcontext
+        self, num_steps: int, guidance_scale: float, *, forms_layout: bool = True, grad_context=nullcontext
     ) -> ComposeEngine | MaskedLoraEngine:
-        """An engine for one sampling run of ``num_steps`` with the host's CFG scale (``methods.build_engine``)."""
+        """An engine for one sampling run of ``num_steps`` with the host's CFG scale (``methods.build_engine``).
+
+        forms_layout: False for a run that refines an image already laid out (the hires pass):
+        no latent update and no fixed layout, which belong to the first, layout-forming steps.
+        """
         settings = dataclasses.replace(
             self.request.settings,
             guidance_scale=guidance_scale,
-            use_latent_update=self.request.settings.use_latent_update and latent_updates,
+            use_latent_update=self.request.settings.use_latent_update and forms_layout,
+            layout_steps=self.request.settings.layout_steps if forms_layout else 0,
         )
         return build_engine(
             self.plan, settings, self.runtime, self.lora_sets,

@@ -121,12 +121,12 @@ class WebUIHost:
     def install_compose(self, p, session):
         """Run ``session`` in place of p's current sampler's CFG denoiser; returns it (``remove()``).
 
-        The hires pass (a second sampling with a new sampler) fuses the passes but does not
-        update the latent: CLoRA's updates belong to the first, layout-forming steps.
+        The hires pass (a second sampling with a new sampler) fuses the passes but neither
+        updates the latent nor imposes the masked mode's layout (``ComposeSession.engine``).
         """
         hires = bool(getattr(p, "is_hr_pass", False))
         steps = (getattr(p, "hr_second_pass_steps", 0) or p.steps) if hires else p.steps
-        engine = session.engine(steps, p.cfg_scale, latent_updates=not hires, grad_context=self.grad_context)
+        engine = session.engine(steps, p.cfg_scale, forms_layout=not hires, grad_context=self.grad_context)
         denoiser = self.compose_denoiser(p.sampler, session.model, session, engine)
         denoiser.install()
         return denoiser

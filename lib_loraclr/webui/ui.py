@@ -294,6 +294,7 @@ _SETTING_LABELS = {
     "use_masks": "Fuse with attention masks",
     "exclusive_masks": "One subject per pixel (off: the paper's overlapping masks)",
     "warmup_steps": "Masked mode: warm-up steps without subject LoRAs",
+    "layout_steps": "Masked mode: layout steps (of 50), each subject its own stripe, in row order",
 }
 
 

@@ -136,7 +136,8 @@ def test_composition_runs_and_leaves_nothing_behind(host, sampler, method):
         "style": "", "style_weight": 1.0, "style_on": "",
         "settings": {"method": method, "step_size": 20.0, "temperature": 0.5, "max_iter_to_alter": 30,
                      "refinement_iters": 1, "mask_threshold": 0.3, "attention_res_divisor": 16,
-                     "use_latent_update": True, "use_masks": True, "exclusive_masks": True, "warmup_steps": 1},
+                     "use_latent_update": True, "use_masks": True, "exclusive_masks": True, "warmup_steps": 0,
+                     "layout_steps": 8},
         "show_masks": False,
     }
     repeated = host.txt2img(PROMPT, "ugly", seed=3, sampler_name=sampler, steps=3,
