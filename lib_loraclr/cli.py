@@ -85,6 +85,8 @@ def _add_merge_settings(parser: argparse.ArgumentParser):
                         help="distill: images per concept pair composed from the two LoRAs in their own regions "
                              "(masked composition) added to the pool; 0 = none. Lowers bleeding, may cost "
                              "single-concept fidelity")
+    parser.add_argument("--distill-pair-weight", type=float, default=defaults.distill_pair_weight,
+                        help="distill: loss weight of those composed pair points against a concept's own (default %(default)s)")
     parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale,
                         help="distill: classifier-free guidance of those teacher images")
     parser.add_argument("--no-report", action="store_true",
@@ -101,7 +103,8 @@ def _settings_from(args) -> MergeSettings:
         report=not args.no_report, end_to_end=not args.no_end_to_end, max_memory_gb=args.max_memory,
         prompt_template=args.prompt_template, distill_iters=args.distill_iters, distill_lr=args.distill_lr,
         distill_batch=args.distill_batch, distill_trajectories=args.distill_trajectories,
-        distill_pair_trajectories=args.distill_pair_trajectories, guidance_scale=args.guidance_scale,
+        distill_pair_trajectories=args.distill_pair_trajectories, distill_pair_weight=args.distill_pair_weight,
+        guidance_scale=args.guidance_scale,
     )
     try:
         return MergeSettings(**values)

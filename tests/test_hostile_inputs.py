@@ -75,7 +75,7 @@ def cli(capsys, *args) -> tuple[int, str]:
                    "lambda_mse, lambda_reg, lr, weight_decay, iters, refine_iters, rank, energy, max_rank, "
                    "clamp_quantile, capture_steps, capture_size, seed, report, end_to_end, max_memory_gb, "
                    "prompt_template, distill_iters, distill_lr, distill_batch, distill_trajectories, "
-                   "distill_pair_trajectories, guidance_scale)"),
+                   "distill_pair_trajectories, distill_pair_weight, guidance_scale)"),
     ({"prompt_template": "photo of"}, "merge settings: prompt_template: must hold {} exactly once (where the trigger "
                                       "goes) and no other braces"),
     ({"prompt_template": 7}, "merge settings: prompt_template: str type expected"),
@@ -83,6 +83,8 @@ def cli(capsys, *args) -> tuple[int, str]:
     ({"distill_batch": 0}, "merge settings: distill_batch: ensure this value is greater than or equal to 1"),
     ({"distill_pair_trajectories": -1}, "merge settings: distill_pair_trajectories: ensure this value is greater "
                                          "than or equal to 0"),
+    ({"distill_pair_weight": math.nan}, "merge settings: distill_pair_weight: must be a finite number"),
+    ({"distill_pair_weight": -0.5}, "merge settings: distill_pair_weight: ensure this value is greater than or equal to 0"),
     ({"guidance_scale": 100}, "merge settings: guidance_scale: ensure this value is less than or equal to 30"),
 ])
 def test_merge_settings_refuse_bad_values_by_name(values, message):
@@ -303,6 +305,8 @@ def test_merge_refuses_outputs_before_loading_the_model(tmp_path, capsys):
         (["--out", str(tmp_path / "m.safetensors"), "--max-memory", "inf"], "error: --max-memory: must be a finite number"),
         (["--out", str(tmp_path / "m.safetensors"), "--distill-pair-trajectories", "65"],
          "error: --distill-pair-trajectories: ensure this value is less than or equal to 64"),
+        (["--out", str(tmp_path / "m.safetensors"), "--distill-pair-weight", "11"],
+         "error: --distill-pair-weight: ensure this value is less than or equal to 10"),
     ]
     for extra, message in cases:
         code, err = cli(capsys, *common, *extra)

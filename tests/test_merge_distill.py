@@ -1,8 +1,11 @@
 """``--method distill``: the student's layer maths, the training against a known optimum, hygiene, refusals."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from lib_loraclr.cli import main
@@ -115,7 +118,7 @@ def test_divergence_is_one_clear_error_and_removes_the_hooks(tiny_sd1):
                        torch.tensor([False, False]))
     with pytest.raises(DistillError, match="diverged at step 1"):
         distill(tiny_sd1, student, pool, ["a photo of a zqx"], iterations=3, lr=1e-2, batch=2, draws_per_forward=2,
-                guidance_scale=4.0, seed=0, progress=Progress())
+                guidance_scale=4.0, seed=0, progress=Progress(), pair_weight=1.0)
     assert no_hooks(tiny_sd1.unet) and no_hooks(tiny_sd1.text_encoder)
 
 
@@ -133,7 +136,7 @@ def test_forwards_of_fewer_draws_train_exactly_as_the_whole_batch(tiny_sd1):
     for draws in (4, 1, 3):
         student = MixedDeltas(chosen, factors)
         history = distill(tiny_sd1, student, pool, ["a zqx", "a vbk"], iterations=3, lr=5e-2, batch=4,
-                          draws_per_forward=draws, guidance_scale=4.0, seed=0, progress=Progress())
+                          draws_per_forward=draws, guidance_scale=4.0, seed=0, progress=Progress(), pair_weight=0.5)
         results.append((history, [m.detach().clone() for m in student.parameters()]))
     (whole, whole_mixes), *split = results
     assert whole[-1] != whole[0], "the mixes trained"
@@ -232,10 +235,11 @@ def test_map_divisor_reads_the_resolutions_the_unet_has(tiny_sd1, latent_side, p
     assert no_hooks(tiny_sd1.unet)
 
 
-def test_pair_points_train_on_the_guided_noise(tiny_sd1):
+@pytest.mark.parametrize("pair_weight", [1.0, 0.25])
+def test_pair_points_train_on_the_guided_noise(tiny_sd1, pair_weight):
     """The loss per draw, against a known answer: the base model (a student whose LoRAs add nothing)
     misses a single point's targets by a and b and a pair point's guided target by c, so the first
-    loss is (mean a^2 + mean b^2 + mean c^2 / g^2) / 2."""
+    loss is (mean a^2 + mean b^2 + w mean c^2 / g^2) / 2 at pair weight w."""
     target, module = next(iter(tiny_sd1.targets().items()))
     silent = LowRank(torch.zeros(module.weight.shape[0], 2), torch.randn(2, module.weight[0].numel()))
     student = MixedDeltas({target: module}, {target: [silent]})
@@ -250,8 +254,8 @@ def test_pair_points_train_on_the_guided_noise(tiny_sd1):
     pool = TeacherPool(inputs, timesteps, torch.tensor([0, 1]), torch.cat([eps_cond[:1] + a, guided + c]),
                        torch.cat([eps_uncond[:1] + b, torch.zeros_like(b)]), torch.tensor([False, True]))
     history = distill(tiny_sd1, student, pool, prompts, iterations=1, lr=1e-3, batch=2, draws_per_forward=1,
-                      guidance_scale=guidance, seed=0, progress=Progress())
-    expected = (a.square().mean() + b.square().mean() + c.square().mean() / guidance**2) / 2
+                      guidance_scale=guidance, seed=0, progress=Progress(), pair_weight=pair_weight)
+    expected = (a.square().mean() + b.square().mean() + pair_weight * c.square().mean() / guidance**2) / 2
     assert history[0] == pytest.approx(float(expected), rel=1e-4)
 
 
@@ -275,9 +279,10 @@ def test_cli_distill_with_pairs_puts_them_in_the_pool(tiny_sd1_folder, twin_lora
     out = tmp_path / "pairs.safetensors"
     code = main(["merge", "--base", tiny_sd1_folder, "--lora", twin_loras[0], "--lora", twin_loras[1],
                  "--method", "distill", "--capture-size", str(SIZE), "--capture-steps", "2", "--distill-iters", "2",
-                 "--distill-trajectories", "1", "--distill-pair-trajectories", "2", "--no-report", "--no-end-to-end",
-                 "--out", str(out)])
+                 "--distill-trajectories", "1", "--distill-pair-trajectories", "2", "--distill-pair-weight", "0.5",
+                 "--no-report", "--no-end-to-end", "--out", str(out)])
     printed = capsys.readouterr().out
     # concepts x trajectories x steps, then pairs x pair trajectories x steps
     assert code == 0 and out.exists()
+    assert json.loads(safe_open(str(out), "pt").metadata()["loraclr_settings"])["distill_pair_weight"] == 0.5
     assert f"pool of {2 * 1 * 2 + 1 * 2 * 2} points ({1 * 2 * 2} of them composed pairs)" in printed, printed

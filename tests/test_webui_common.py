@@ -244,9 +244,10 @@ def test_tab_values_become_a_merge_request():
     assert budgeted.max_memory_gb == 2.5 and budgeted.report is True
     distilled = merge_request_from_ui([["a", "x", 1], ["b", "y", 1]], "distill", "out", 0, False,
                                       {"prompt_template": "a drawing of {}", "distill_iters": 300.0,
-                                       "distill_lr": 0.02, "guidance_scale": 7}).merge_settings()
+                                       "distill_lr": 0.02, "distill_pair_weight": 0.5, "guidance_scale": 7}).merge_settings()
     assert distilled.method == "distill" and distilled.prompt_template == "a drawing of {}"
     assert distilled.distill_iters == 300 and isinstance(distilled.distill_iters, int) and distilled.guidance_scale == 7.0
+    assert distilled.distill_pair_weight == 0.5
     with pytest.raises(InputError, match="merge request: settings.prompt_template: must hold {} exactly once"):
         merge_request_from_ui([["a", "x", 1], ["b", "y", 1]], "distill", "out", 0, False, {"prompt_template": "a cat"})
 

@@ -249,13 +249,14 @@ class DistillError(ValueError):
 def distill(
     model: ModelAccess, student: MixedDeltas, pool: TeacherPool, prompts: list[str], *,
     iterations: int, lr: float, batch: int, draws_per_forward: int, guidance_scale: float, seed: int,
-    progress: Progress,
+    progress: Progress, pair_weight: float,
 ) -> list[float]:
     """Train the student's mixes on the pool; returns the loss per iteration.
 
     Loss per draw, at its trajectory's model input and timestep: a single point's mean squared
     error of the noise on the concept's prompt plus on the empty prompt; a pair point's of the
-    guided noise, divided by the guidance squared (the scale of one noise's error). A step's ``batch`` draws run in
+    guided noise, divided by the guidance squared (the scale of one noise's error), times
+    ``pair_weight`` (below 1, the pairs pull less on what each concept keeps alone). A step's ``batch`` draws run in
     forwards of ``draws_per_forward`` (the memory plan's), their gradients summed, so what
     autograd keeps is bounded by the plan, not by the batch.
     """
@@ -271,7 +272,7 @@ def distill(
             grads = [torch.zeros_like(p) for p in parameters]
             value = 0.0
             for pick in picks:
-                loss = _loss(model, pool, prompts, pick, guidance_scale) * (len(pick) / batch)
+                loss = _loss(model, pool, prompts, pick, guidance_scale, pair_weight) * (len(pick) / batch)
                 value += float(loss.detach())
                 if not math.isfinite(value):
                     raise DistillError(f"distillation diverged at step {iteration + 1} (loss {value}): lower --distill-lr")
@@ -286,8 +287,8 @@ def distill(
     return history
 
 
-def _loss(model: ModelAccess, pool: TeacherPool, prompts: list[str], pick: torch.Tensor, guidance_scale: float
-          ) -> torch.Tensor:
+def _loss(model: ModelAccess, pool: TeacherPool, prompts: list[str], pick: torch.Tensor, guidance_scale: float,
+          pair_weight: float) -> torch.Tensor:
     """The mean per-draw loss (see ``distill``) at the picked pool points: one forward of 2 x draws rows."""
     inputs = pool.inputs[pick].to(model.device, model.dtype)
     timesteps = pool.timesteps[pick].to(model.device)
@@ -300,5 +301,5 @@ def _loss(model: ModelAccess, pool: TeacherPool, prompts: list[str], pick: torch
         return error.square().flatten(1).mean(dim=1)
 
     single = per_draw(eps_cond - target_cond) + per_draw(eps_uncond - target_uncond)
-    composed = per_draw(eps_uncond + guidance_scale * (eps_cond - eps_uncond) - target_cond) / guidance_scale**2
+    composed = per_draw(eps_uncond + guidance_scale * (eps_cond - eps_uncond) - target_cond) * (pair_weight / guidance_scale**2)
     return torch.where(guided, composed, single).mean()

@@ -265,7 +265,8 @@ class LoraclrMerge:
         draws = max(1, min(settings.distill_batch, int((room - self._stats_bytes) // max(per_draw, 1))))
         history = distill(self.model, student, pool, prompts, iterations=settings.distill_iters,
                           lr=settings.distill_lr, batch=settings.distill_batch, draws_per_forward=draws,
-                          guidance_scale=settings.guidance_scale, seed=settings.seed, progress=self.progress)
+                          guidance_scale=settings.guidance_scale, seed=settings.seed, progress=self.progress,
+                          pair_weight=settings.distill_pair_weight)
         self.result.seconds["distill"] = time.perf_counter() - started
         self.result.distill = {"size": size, "capture_size": capture, "pool_samples": len(pool),
                                "pair_samples": int(pool.guided.sum()), "steps": len(history),

@@ -47,6 +47,7 @@ MERGE_FIELDS = (
     ("distill_batch", "Batch per step (distill)", "int"),
     ("distill_trajectories", "Teacher images per concept (distill)", "int"),
     ("distill_pair_trajectories", "Composed teacher images per concept pair (distill; 0 = none)", "int"),
+    ("distill_pair_weight", "Loss weight of the composed pair images (distill)", "number"),
     ("guidance_scale", "Guidance of the teacher images (distill)", "number"),
     ("max_memory_gb", "Memory budget in GiB (0 = automatic)", "number"),
     ("report", "Measure the quality report (one more capture pass)", "bool"),
