@@ -11,7 +11,7 @@ high-water mark from wait4. Each N runs twice, with the quality report and with
 
     python bench/bench_merge_scale.py [--quick] [--arch sd1|sdxl|both] [--counts 2,4,8,12]
         [--capture-size 64] [--capture-steps 2] [--cache DIR] [--max-memory GIB] [--json FILE]
-        [--method loraclr|lsq|sum|svd|distill] [--distill-iters 8] [--distill-pair-trajectories 0]
+        [--method loraclr|lsq|sum|svd|distill] [--distill-iters 8] [--distill-pair-trajectories N]
 
 --quick: sd1 only, N = 2 and 4, 64 px, 2 steps (flags given explicitly still win).
 Capture size and steps only change the rows streamed through the statistics and the UNet's
@@ -255,8 +255,9 @@ def merge_argv(args, folder, loras, triggers, work, n, report, flags) -> list[st
              "--capture-size", str(args.capture_size), "--capture-steps", str(args.capture_steps),
              "--device", args.device, "--overwrite", "--method", args.method]
     if args.method == "distill":
-        argv += ["--distill-iters", str(args.distill_iters),
-                 "--distill-pair-trajectories", str(args.distill_pair_trajectories)]
+        argv += ["--distill-iters", str(args.distill_iters)]
+        if args.distill_pair_trajectories is not None:
+            argv += ["--distill-pair-trajectories", str(args.distill_pair_trajectories)]
     argv += ["--report", os.path.join(work, f"report_{n}.json")] if report else ["--no-report"]
     if args.max_memory is not None and "--max-memory" in flags:
         argv += ["--max-memory", f"{args.max_memory:g}"]
@@ -464,8 +465,9 @@ def main():
     parser.add_argument("--method", default="loraclr", help="the CLI's --method (loraclr, lsq, sum, svd, distill)")
     parser.add_argument("--distill-iters", type=int, default=8,
                         help="--method distill: the CLI's --distill-iters (the bench reports seconds per step)")
-    parser.add_argument("--distill-pair-trajectories", type=int, default=0,
-                        help="--method distill: the CLI's --distill-pair-trajectories (composed pair images in the pool)")
+    parser.add_argument("--distill-pair-trajectories", type=int, default=None,
+                        help="--method distill: the CLI's --distill-pair-trajectories (composed pair images in the pool; "
+                             "default: the CLI's)")
     parser.add_argument("--cache", default="/tmp/loraclr_bench_models", help="where models and LoRAs are built once")
     parser.add_argument("--max-memory", type=float, default=None, help="passed to the CLI's --max-memory (GiB)")
     parser.add_argument("--device", default="cpu", help="the CLI's --device (RSS then excludes GPU memory)")

@@ -92,7 +92,7 @@ def test_distill_finds_the_known_optimum_and_leaves_the_model_alone(tiny_sd1, tw
         before = tiny_sd1.unet_eps(probe, torch.tensor([400]), cond)
     out = str(tmp_path / "distilled.safetensors")
     settings = MergeSettings(method="distill", capture_size=SIZE, capture_steps=4, distill_iters=150,
-                             distill_trajectories=2, report=False)
+                             distill_trajectories=2, distill_pair_trajectories=0, report=False)
     summary = merge_to_file(tiny_sd1, load_concepts(paths, None), settings, out)
 
     # end to end on fresh latents at another resolution: as close as the concept's own LoRA; stacking is not
@@ -100,6 +100,7 @@ def test_distill_finds_the_known_optimum_and_leaves_the_model_alone(tiny_sd1, tw
         assert kept > 0.8, (name, kept)
         assert summary["end_to_end"]["stacked"][name] < 0.5
     assert summary["distill"]["loss_last"] < summary["distill"]["loss_first"]
+    assert summary["distill"]["untrained_layers"] == 0, "diffusers encodes with gradients: every layer trains"
     assert max(summary["ranks"].values()) <= 8, "exact within the sum of the ranks"
 
     assert no_hooks(tiny_sd1.unet) and no_hooks(tiny_sd1.text_encoder)
@@ -122,27 +123,49 @@ def test_divergence_is_one_clear_error_and_removes_the_hooks(tiny_sd1):
     assert no_hooks(tiny_sd1.unet) and no_hooks(tiny_sd1.text_encoder)
 
 
+def random_pool(count: int = 6) -> TeacherPool:
+    generator = torch.Generator().manual_seed(1)
+    shape = (count, 4, SIZE // 8, SIZE // 8)
+    return TeacherPool(torch.randn(shape, generator=generator), torch.linspace(900, 100, count).long(),
+                       torch.arange(count) * 2 // count, torch.randn(shape, generator=generator),
+                       torch.randn(shape, generator=generator), torch.tensor([False, True] * (count // 2)))
+
+
 def test_forwards_of_fewer_draws_train_exactly_as_the_whole_batch(tiny_sd1):
     """The memory plan only splits a step's draws into forwards: the summed gradient is the batch's
     gradient, so the losses and the trained mixes match one forward of the whole batch."""
     chosen = dict(list(tiny_sd1.targets().items())[-3:])
     factors = {t: [random_factors(m.weight.shape[0], m.weight[0].numel(), 2, i)] for i, (t, m) in enumerate(chosen.items())}
-    generator = torch.Generator().manual_seed(1)
-    shape = (6, 4, SIZE // 8, SIZE // 8)
-    pool = TeacherPool(torch.randn(shape, generator=generator), torch.tensor([900, 700, 500, 300, 200, 100]),
-                       torch.tensor([0, 0, 0, 1, 1, 1]), torch.randn(shape, generator=generator),
-                       torch.randn(shape, generator=generator), torch.tensor([False, True] * 3))
+    pool = random_pool()
     results = []
     for draws in (4, 1, 3):
         student = MixedDeltas(chosen, factors)
-        history = distill(tiny_sd1, student, pool, ["a zqx", "a vbk"], iterations=3, lr=5e-2, batch=4,
-                          draws_per_forward=draws, guidance_scale=4.0, seed=0, progress=Progress(), pair_weight=0.5)
-        results.append((history, [m.detach().clone() for m in student.parameters()]))
+        run = distill(tiny_sd1, student, pool, ["a zqx", "a vbk"], iterations=3, lr=5e-2, batch=4,
+                      draws_per_forward=draws, guidance_scale=4.0, seed=0, progress=Progress(), pair_weight=0.5)
+        assert run.untrained == []
+        results.append((run.history, [m.detach().clone() for m in student.parameters()]))
     (whole, whole_mixes), *split = results
     assert whole[-1] != whole[0], "the mixes trained"
     for history, mixes in split:
         assert history == pytest.approx(whole, rel=1e-4)
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(mixes, whole_mixes))
+
+
+def test_a_layer_no_gradient_reaches_stays_stacked_and_is_named(tiny_sd1):
+    """As a host's text encoder run without gradients (Forge, SDXL's conditioner): a target the
+    model's forward never differentiates trains nothing, its mix stays exactly the identity, the
+    others train, and the run names it."""
+    name, module = list(tiny_sd1.targets().items())[-1]
+    unreached = nn.Linear(8, 8)  # never called by the model
+    chosen = {name: module, "text_encoder.unreached": unreached}
+    factors = {name: [random_factors(module.weight.shape[0], module.weight[0].numel(), 2, 0)],
+               "text_encoder.unreached": [random_factors(8, 8, 2, 1)]}
+    student = MixedDeltas(chosen, factors)
+    run = distill(tiny_sd1, student, random_pool(), ["a zqx", "a vbk"], iterations=3, lr=5e-2, batch=4,
+                  draws_per_forward=4, guidance_scale=4.0, seed=0, progress=Progress(), pair_weight=0.5)
+    assert run.untrained == ["text_encoder.unreached"]
+    trained, kept = student.parameters()
+    assert torch.equal(kept.detach(), torch.eye(2)) and not torch.equal(trained.detach(), torch.eye(2))
 
 
 @pytest.mark.parametrize("template", ["photo of a", "{} and {}", "a {0}", "{}}"])
@@ -182,7 +205,8 @@ def test_distill_over_budget_trains_at_a_smaller_size_and_says_so(tiny_sd1, twin
                             progress=Progress(lambda event: messages.append(event.message)))
     info = summary["distill"]
     assert info["size"] < 512 and info["size"] % 64 == 0
-    assert info["pool_samples"] == 2 * 1 * 2  # concepts x trajectories x steps
+    assert info["pool_samples"] == 2 * 1 * 2 + 1 * 1 * 2  # concepts x trajectories x steps, then the default pair's
+    assert info["pair_samples"] == 1 * 1 * 2
     assert any(f"teacher and training run at {info['size']} px" in m for m in messages if m)
 
 
@@ -254,7 +278,7 @@ def test_pair_points_train_on_the_guided_noise(tiny_sd1, pair_weight):
     pool = TeacherPool(inputs, timesteps, torch.tensor([0, 1]), torch.cat([eps_cond[:1] + a, guided + c]),
                        torch.cat([eps_uncond[:1] + b, torch.zeros_like(b)]), torch.tensor([False, True]))
     history = distill(tiny_sd1, student, pool, prompts, iterations=1, lr=1e-3, batch=2, draws_per_forward=1,
-                      guidance_scale=guidance, seed=0, progress=Progress(), pair_weight=pair_weight)
+                      guidance_scale=guidance, seed=0, progress=Progress(), pair_weight=pair_weight).history
     expected = (a.square().mean() + b.square().mean() + pair_weight * c.square().mean() / guidance**2) / 2
     assert history[0] == pytest.approx(float(expected), rel=1e-4)
 

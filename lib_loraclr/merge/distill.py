@@ -246,12 +246,18 @@ class DistillError(ValueError):
     """The training diverged (a non-finite loss): the message says at which step."""
 
 
+@dataclass
+class DistillRun:
+    history: list[float]  # the loss per iteration
+    untrained: list[str]  # targets no gradient reached (their mix stays the identity: plain stacking)
+
+
 def distill(
     model: ModelAccess, student: MixedDeltas, pool: TeacherPool, prompts: list[str], *,
     iterations: int, lr: float, batch: int, draws_per_forward: int, guidance_scale: float, seed: int,
     progress: Progress, pair_weight: float,
-) -> list[float]:
-    """Train the student's mixes on the pool; returns the loss per iteration.
+) -> DistillRun:
+    """Train the student's mixes on the pool; returns the loss per iteration and the untrained targets.
 
     Loss per draw, at its trajectory's model input and timestep: a single point's mean squared
     error of the noise on the concept's prompt plus on the empty prompt; a pair point's of the
@@ -259,12 +265,17 @@ def distill(
     ``pair_weight`` (below 1, the pairs pull less on what each concept keeps alone). A step's ``batch`` draws run in
     forwards of ``draws_per_forward`` (the memory plan's), their gradients summed, so what
     autograd keeps is bounded by the plan, not by the batch.
+
+    A host that encodes prompts without gradients (Forge's ``get_learned_conditioning`` runs
+    under ``torch.inference_mode``, SDXL's conditioner under ``no_grad``) reaches no text-encoder
+    mix: those stay at the identity, the concepts' own deltas stacked, and are reported.
     """
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     batch = min(batch, len(pool))
     history = []
     parameters = student.parameters()
+    reached = [False] * len(parameters)
     # gradients for the mixes only (never the model's weights), even when the caller runs under no_grad
     with torch.inference_mode(False), torch.enable_grad(), student.attached(), GradThroughFrozen():
         for iteration in range(iterations):
@@ -276,15 +287,17 @@ def distill(
                 value += float(loss.detach())
                 if not math.isfinite(value):
                     raise DistillError(f"distillation diverged at step {iteration + 1} (loss {value}): lower --distill-lr")
-                for total, grad in zip(grads, torch.autograd.grad(loss, parameters)):
-                    total += grad
+                for k, grad in enumerate(torch.autograd.grad(loss, parameters, allow_unused=True)):
+                    if grad is not None:
+                        grads[k] += grad
+                        reached[k] = True
             for parameter, grad in zip(parameters, grads):
                 parameter.grad = grad
             optimizer.step()
             history.append(value)
             progress.update("distill", iteration + 1, iterations,
                             message=f"distilling every layer end to end: step {iteration + 1}/{iterations}, loss {value:.4g}")
-    return history
+    return DistillRun(history, [target for target, hit in zip(student.layers, reached) if not hit])
 
 
 def _loss(model: ModelAccess, pool: TeacherPool, prompts: list[str], pick: torch.Tensor, guidance_scale: float,

@@ -263,15 +263,21 @@ class LoraclrMerge:
         self._stats_bytes = pool.nbytes() + 3 * student.nbytes()  # the pool, the mixes and Adam's two moments
         # as many draws per forward as their backward fits in what the budget leaves
         draws = max(1, min(settings.distill_batch, int((room - self._stats_bytes) // max(per_draw, 1))))
-        history = distill(self.model, student, pool, prompts, iterations=settings.distill_iters,
-                          lr=settings.distill_lr, batch=settings.distill_batch, draws_per_forward=draws,
-                          guidance_scale=settings.guidance_scale, seed=settings.seed, progress=self.progress,
-                          pair_weight=settings.distill_pair_weight)
+        run = distill(self.model, student, pool, prompts, iterations=settings.distill_iters,
+                      lr=settings.distill_lr, batch=settings.distill_batch, draws_per_forward=draws,
+                      guidance_scale=settings.guidance_scale, seed=settings.seed, progress=self.progress,
+                      pair_weight=settings.distill_pair_weight)
+        history = run.history
+        if run.untrained:
+            self.progress.update("distill", len(history), len(history), message=(
+                f"distill: no gradient reached {len(run.untrained)} of {len(self.targets)} layers (e.g. "
+                f"{run.untrained[0]}; a host that encodes prompts without gradients reaches no text-encoder "
+                f"layer): they keep the concepts' deltas stacked"))
         self.result.seconds["distill"] = time.perf_counter() - started
         self.result.distill = {"size": size, "capture_size": capture, "pool_samples": len(pool),
                                "pair_samples": int(pool.guided.sum()), "steps": len(history),
                                "draws_per_forward": draws, "backward_bytes_per_draw": int(per_draw), "loss_first": history[0],
-                               "loss_last": history[-1], "loss_min": min(history)}
+                               "loss_last": history[-1], "loss_min": min(history), "untrained_layers": len(run.untrained)}
         for index, (target, module) in enumerate(self.targets.items()):
             self.progress.update("write", index, len(self.targets), target, f"factoring {target}")
             self._hand_over(target, module, student.delta(target), {"solver": "distill"}, writer)

@@ -83,12 +83,12 @@ class MergeSettings:
     prompt_template: PromptTemplate = "photo of a {}"  # each concept's prompt; {} = its trigger
     # --method distill only: Adam steps, learning rate of the mixes, draws per step, trajectories per concept,
     # trajectories per concept pair (composed teacher; 0 = none), a pair point's loss weight, and the guidance
-    # of the teachers' sampling
-    distill_iters: integer(ge=1, le=100_000) = 600
+    # of the teachers' sampling; the defaults are the toy world's best measured (README, "Merge quality")
+    distill_iters: integer(ge=1, le=100_000) = 1800
     distill_lr: real(gt=0, le=1) = 1e-2
     distill_batch: integer(ge=1, le=64) = 4
-    distill_trajectories: integer(ge=1, le=64) = 4
-    distill_pair_trajectories: integer(ge=0, le=64) = 0
+    distill_trajectories: integer(ge=1, le=64) = 8
+    distill_pair_trajectories: integer(ge=0, le=64) = 1
     distill_pair_weight: real(ge=0, le=10) = 0.5
     guidance_scale: real(ge=1, le=30) = 5.0
 

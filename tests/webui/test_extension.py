@@ -399,6 +399,35 @@ def check_cancelled_cleanly(host, final, name, files_before):
     assert len(generated.images) == 1 and host.errors() == []
 
 
+def test_distill_merge_with_its_pair_teacher_runs_on_the_host_model(host, request):
+    """``distill``'s defaults sample a composed pair teacher (``compose.masked`` on the host's own
+    UNet and tokenizer): the merge finishes, the pool holds the pair's points, the file is written
+    and generation afterwards is unchanged (every hook removed). Where the host encodes prompts
+    without gradients (Forge: ``inference_mode``; SDXL's conditioner: ``no_grad``) the text-encoder
+    layers keep the concepts' deltas stacked and the job's log says so; A1111's SD1 trains them."""
+    from lib_loraclr.hosts.webui_host import current_host
+    from lib_loraclr.webui.merge_service import MergeRequest, MergeService
+
+    text_encoder_layers = sum(1 for target in attention_deltas(our_model(), 1) if target.startswith("text_encoder"))
+    expected_untrained = 0 if request.node.callspec.params["webui"] == "a1111" else text_encoder_layers
+
+    before = host.txt2img("a cat", seed=3, steps=1)
+    service = MergeService(current_host())
+    job = service.start(MergeRequest(["cat_lora", "dog_lora"], ["sks cat", "zqx dog"], "distilled",
+                                     settings={"method": "distill", "capture_steps": 1, "capture_size": 64,
+                                               "distill_iters": 2, "distill_trajectories": 1, "report": False,
+                                               "end_to_end": False}))
+    status = service.jobs.wait(job, 300)
+    assert status.state == "done", status.error
+    assert status.result["distill"]["pool_samples"] == 2 * 1 * 1 + 1 * 1 * 1  # concepts, then the default pair
+    assert status.result["distill"]["pair_samples"] == 1
+    assert text_encoder_layers > 0 and status.result["distill"]["untrained_layers"] == expected_untrained
+    assert any("keep the concepts' deltas stacked" in line for line in status.log) == (expected_untrained > 0)
+    assert os.path.isfile(os.path.join(host.lora_dir, "distilled.safetensors"))
+    after = host.txt2img("a cat", seed=3, steps=1)
+    assert np.array_equal(pixels(before), pixels(after))
+
+
 def test_merge_cancelled_while_running_writes_nothing_and_frees_the_queue(host):
     """Cancel a RUNNING merge (held inside its first UNet call, with progress already reported):
     it ends "cancelled" at its next progress check, writes none of its files, and a generation
